@@ -1,0 +1,1 @@
+"""The API side of the distillation service: HTTP, schemas, database, store. Never imports torch."""

@@ -1,0 +1,156 @@
+"""Distillation jobs: create, read, cancel, events, metrics, artifacts."""
+
+import logging
+import re
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from app import repositories as repo
+from app.api.deps import After, CurrentTenant, Limit, SessionDep
+from app.errors import ProblemError, not_found
+from app.models import Artifact, Job
+from app.queue import publish_job
+from app.schemas import (
+    ArtifactPublic, ArtifactsPublic, EventPublic, EventsPublic, JobCreate, JobPublic, JobsPublic, MetricPublic,
+    MetricsPublic,
+)  # fmt: skip
+from app.services import cancel_job as cancel_job_service, create_job as create_job_service
+from app.storage import get_store
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger(__name__)
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+def job_public(job: Job) -> JobPublic:
+    return JobPublic(
+        id=job.id, name=job.name, status=job.status, spec=job.spec, created_at=job.created_at,
+        started_at=job.started_at, finished_at=job.finished_at, attempts=job.attempts,
+        progress=job.progress or {}, metrics=job.summary, error=job.error, metadata=job.job_metadata or {},
+    )  # fmt: skip
+
+
+def artifact_public(a: Artifact) -> ArtifactPublic:
+    return ArtifactPublic(name=a.name, bytes=a.bytes, sha256=a.sha256, content_type=a.content_type,
+                          created_at=a.created_at)  # fmt: skip
+
+
+def _own_job(session, tenant_id: str, job_id: str) -> Job:
+    job = repo.get_job(session, job_id=job_id, tenant_id=tenant_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+@router.post("", status_code=201, response_model=JobPublic)
+def create_job(body: JobCreate, response: Response, session: SessionDep, tenant_id: CurrentTenant,
+               idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobPublic:  # fmt: skip
+    """Validate a job spec, persist it and queue it; the same Idempotency-Key and body return the same job."""
+    job, created = create_job_service(session, tenant_id=tenant_id, body=body, idempotency_key=idempotency_key)
+    session.commit()
+    if not created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+        return job_public(job)
+    # Published only after commit; if the broker is down the reconciler publishes it later.
+    try:
+        publish_job(job.id)
+        repo.mark_published(session, job_ids=[job.id])
+        session.commit()
+    except Exception:
+        session.rollback()
+        log.warning("could not publish %s now; the reconciler will", job.id, exc_info=True)
+    return job_public(job)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(session: SessionDep, tenant_id: CurrentTenant, limit: Limit = 20, after: After = None,
+              status: Annotated[JobStatus | None, Query()] = None) -> JobsPublic:  # fmt: skip
+    """List the tenant's jobs, newest first."""
+    rows = repo.list_jobs(session, tenant_id=tenant_id, limit=limit, after=after, status=status)
+    return JobsPublic(data=[job_public(j) for j in rows[:limit]], has_more=len(rows) > limit)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, session: SessionDep, tenant_id: CurrentTenant) -> JobPublic:
+    """Read one job."""
+    return job_public(_own_job(session, tenant_id, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses={409: {"description": "Job already finished"}})
+def cancel_job(job_id: str, session: SessionDep, tenant_id: CurrentTenant) -> JobPublic:
+    """Cancel a queued job at once, or ask a running one to stop (cooperatively, within a step)."""
+    job = _own_job(session, tenant_id, job_id)
+    cancel_job_service(session, job=job)
+    session.commit()
+    return job_public(job)
+
+
+@router.get("/{job_id}/events", response_model=EventsPublic)
+def list_events(job_id: str, session: SessionDep, tenant_id: CurrentTenant,
+                after: Annotated[int | None, Query(ge=0)] = None,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> EventsPublic:  # fmt: skip
+    """The job's event log, oldest first."""
+    _own_job(session, tenant_id, job_id)
+    rows = repo.list_events(session, job_id=job_id, after=after, limit=limit)
+    data = [EventPublic(id=e.id, created_at=e.created_at, level=e.level, type=e.type, message=e.message,
+                        data=e.data or {}) for e in rows[:limit]]  # fmt: skip
+    return EventsPublic(data=data, has_more=len(rows) > limit)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsPublic)
+def get_metrics(job_id: str, session: SessionDep, tenant_id: CurrentTenant) -> MetricsPublic:
+    """Per-epoch series and the latest summary."""
+    job = _own_job(session, tenant_id, job_id)
+    rows = repo.list_metrics(session, job_id=job_id)
+    return MetricsPublic(data=[MetricPublic(epoch=m.epoch, data=m.data) for m in rows], summary=job.summary)
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactsPublic)
+def list_artifacts(job_id: str, session: SessionDep, tenant_id: CurrentTenant) -> ArtifactsPublic:
+    """The outputs of a succeeded job."""
+    _own_job(session, tenant_id, job_id)
+    return ArtifactsPublic(data=[artifact_public(a) for a in repo.list_artifacts(session, job_id=job_id)])
+
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+@router.get("/{job_id}/artifacts/{name}", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Partial content"},
+                       304: {"description": "Not modified"}, 416: {"description": "Range not satisfiable"}})  # fmt: skip
+def download_artifact(job_id: str, name: str, request: Request, session: SessionDep,
+                      tenant_id: CurrentTenant) -> Response:  # fmt: skip
+    """Download one artifact; supports HTTP Range and ETag (its sha256)."""
+    _own_job(session, tenant_id, job_id)
+    artifact = repo.get_artifact(session, job_id=job_id, name=name)
+    if artifact is None:
+        raise not_found("artifact", name)
+    etag = f'"{artifact.sha256}"'
+    headers = {"ETag": etag, "Accept-Ranges": "bytes",
+               "Content-Disposition": f'attachment; filename="{artifact.name}"'}  # fmt: skip
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    start, end, status = 0, artifact.bytes - 1, 200
+    range_header = request.headers.get("range")
+    if range_header and request.headers.get("if-range", etag) == etag:
+        match = _RANGE.match(range_header.strip())
+        if match is None or match.groups() == ("", ""):
+            raise ProblemError(416, "Only a single bytes=start-end range is supported.", code="invalid_range",
+                               headers={"Content-Range": f"bytes */{artifact.bytes}"})  # fmt: skip
+        first, last = match.groups()
+        if first == "":
+            start = max(artifact.bytes - int(last), 0)
+        else:
+            start = int(first)
+            end = min(int(last), artifact.bytes - 1) if last else artifact.bytes - 1
+        if start > end or start >= artifact.bytes:
+            raise ProblemError(416, "Range not satisfiable.", code="invalid_range",
+                               headers={"Content-Range": f"bytes */{artifact.bytes}"})  # fmt: skip
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end}/{artifact.bytes}"
+    headers["Content-Length"] = str(end - start + 1)
+    body = get_store().iter_range(artifact.storage_key, start, end) if artifact.bytes else iter([b""])
+    return StreamingResponse(body, status_code=status, media_type=artifact.content_type, headers=headers)

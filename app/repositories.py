@@ -1,0 +1,260 @@
+"""All SQL lives here. Keyword-only arguments; nothing here commits (the request or task wrapper does)."""
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.models import ApiKey, Artifact, File, Job, JobEvent, JobMetric, Tenant, utcnow
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+# ---- tenants and keys ----------------------------------------------------------------------------
+
+
+def get_or_create_tenant(session: Session, *, tenant_id: str, name: str) -> Tenant:
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        tenant = Tenant(id=tenant_id, name=name)
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def add_api_key(session: Session, *, key_id: str, tenant_id: str, key_hash: str, prefix: str) -> ApiKey:
+    key = ApiKey(id=key_id, tenant_id=tenant_id, key_hash=key_hash, prefix=prefix)
+    session.add(key)
+    session.flush()
+    return key
+
+
+def get_tenant_id_by_key_hash(session: Session, *, key_hash: str) -> str | None:
+    return session.scalar(select(ApiKey.tenant_id).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+
+def add_file(session: Session, *, file: File) -> File:
+    session.add(file)
+    session.flush()
+    return file
+
+
+def get_file(session: Session, *, tenant_id: str, file_id: str) -> File | None:
+    return session.scalar(
+        select(File).where(File.id == file_id, File.tenant_id == tenant_id, File.deleted_at.is_(None))
+    )
+
+
+def list_files(session: Session, *, tenant_id: str, limit: int, after: str | None, purpose: str | None):
+    query = select(File).where(File.tenant_id == tenant_id, File.deleted_at.is_(None))
+    if purpose:
+        query = query.where(File.purpose == purpose)
+    if after:
+        query = query.where(File.id < after)
+    return list(session.scalars(query.order_by(File.id.desc()).limit(limit + 1)))
+
+
+def mark_file_deleted(session: Session, *, file: File) -> None:
+    file.deleted_at = utcnow()
+    session.flush()
+
+
+# ---- jobs ----------------------------------------------------------------------------------------
+
+
+def add_job(session: Session, *, job: Job) -> Job:
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(session: Session, *, job_id: str, tenant_id: str | None = None) -> Job | None:
+    query = select(Job).where(Job.id == job_id)
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
+    return session.scalar(query)
+
+
+def get_job_by_idempotency_key(session: Session, *, tenant_id: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+
+def list_jobs(session: Session, *, tenant_id: str, limit: int, after: str | None, status: str | None) -> list[Job]:
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if status:
+        query = query.where(Job.status == status)
+    if after:
+        query = query.where(Job.id < after)
+    return list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
+
+
+def cancel_queued_job(session: Session, *, job_id: str) -> bool:
+    """Queued → cancelled in one conditional UPDATE; False when the job left `queued` meanwhile."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(status="cancelled", cancel_requested=True, finished_at=now)
+    )
+    return result.rowcount == 1
+
+
+def request_cancel(session: Session, *, job_id: str) -> bool:
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True)
+    )
+    return result.rowcount == 1
+
+
+def mark_published(session: Session, *, job_ids: Sequence[str]) -> None:
+    if job_ids:
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(published_at=utcnow()))
+
+
+def claim_job(session: Session, *, job_id: str, worker_id: str, lease_seconds: int) -> int | None:
+    """The one conditional UPDATE that makes a worker the job's owner. Returns the attempt number (fencing token)."""
+    now = utcnow()
+    claimable = or_(Job.status == "queued", and_(Job.status == "running", Job.lease_until < now))
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, claimable, Job.attempts < Job.max_attempts, Job.cancel_requested.is_(False))
+        .values(
+            status="running",
+            attempts=Job.attempts + 1,
+            lease_until=now + timedelta(seconds=lease_seconds),
+            worker_id=worker_id,
+            started_at=func.coalesce(Job.started_at, now),
+        )
+    )
+    if result.rowcount != 1:
+        return None
+    return session.scalar(select(Job.attempts).where(Job.id == job_id))
+
+
+def renew_lease(session: Session, *, job_id: str, attempt: int, lease_seconds: int,
+                progress: dict[str, Any] | None = None) -> tuple[bool, bool]:  # fmt: skip
+    """Extend the lease if this attempt still owns the job. Returns (still_owner, cancel_requested)."""
+    values: dict[str, Any] = {"lease_until": utcnow() + timedelta(seconds=lease_seconds)}
+    if progress is not None:
+        values["progress"] = progress
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.attempts == attempt, Job.status == "running").values(**values)
+    )
+    cancel = bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+    return result.rowcount == 1, cancel
+
+
+def finish_job(session: Session, *, job_id: str, attempt: int, status: str, summary: dict | None = None,
+               error: dict | None = None, progress: dict | None = None) -> bool:  # fmt: skip
+    """running → terminal, only for the attempt that owns the job."""
+    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "lease_until": None}
+    if summary is not None:
+        values["summary"] = summary
+    if error is not None:
+        values["error"] = error
+    if progress is not None:
+        values["progress"] = progress
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.attempts == attempt, Job.status == "running").values(**values)
+    )
+    return result.rowcount == 1
+
+
+def fail_exhausted_jobs(session: Session, *, job_ids: Sequence[str] | None = None) -> list[str]:
+    """Jobs out of attempts whose last lease expired (or queued with none left) fail with a clear error."""
+    now = utcnow()
+    stranded = or_(Job.status == "queued", and_(Job.status == "running", Job.lease_until < now))
+    query = select(Job).where(stranded, Job.attempts >= Job.max_attempts)
+    if job_ids is not None:
+        query = query.where(Job.id.in_(job_ids))
+    failed = []
+    for job in session.scalars(query.with_for_update(skip_locked=True)):
+        job.status, job.finished_at, job.lease_until = "failed", now, None
+        job.error = {"code": "max_attempts_exceeded",
+                     "message": f"The job's worker stopped {job.attempts} times without finishing "
+                                f"(max_attempts={job.max_attempts}); giving up.", "param": None}  # fmt: skip
+        failed.append(job.id)
+    session.flush()
+    return failed
+
+
+def set_checkpoint(session: Session, *, job_id: str, attempt: int, key: str, epoch: int) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempts == attempt, Job.status == "running")
+        .values(checkpoint_key=key, checkpoint_epoch=epoch)
+    )
+    return result.rowcount == 1
+
+
+def stranded_job_ids(session: Session, *, requeue_before: datetime, limit: int = 500) -> list[str]:
+    """Queued jobs not published recently, and running jobs whose lease expired."""
+    now = utcnow()
+    query = (
+        select(Job.id)
+        .where(
+            or_(
+                and_(Job.status == "queued", or_(Job.published_at.is_(None), Job.published_at < requeue_before)),
+                and_(Job.status == "running", Job.lease_until < now),
+            ),
+            Job.attempts < Job.max_attempts,
+        )
+        .order_by(Job.id)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+# ---- events, metrics, artifacts ------------------------------------------------------------------
+
+
+def add_event(session: Session, *, job_id: str, message: str, level: str = "info", type_: str = "message",
+              data: dict | None = None) -> None:  # fmt: skip
+    session.add(JobEvent(job_id=job_id, message=message, level=level, type=type_, data=data or {}))
+    session.flush()
+
+
+def list_events(session: Session, *, job_id: str, after: int | None, limit: int) -> list[JobEvent]:
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after is not None:
+        query = query.where(JobEvent.id > after)
+    return list(session.scalars(query.order_by(JobEvent.id).limit(limit + 1)))
+
+
+def upsert_metric(session: Session, *, job_id: str, epoch: int, data: dict) -> None:
+    row = session.scalar(select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.epoch == epoch))
+    if row is None:
+        session.add(JobMetric(job_id=job_id, epoch=epoch, data=data))
+    else:
+        row.data = data
+    session.flush()
+
+
+def delete_metrics_after(session: Session, *, job_id: str, epoch: int) -> None:
+    session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.epoch > epoch))
+
+
+def list_metrics(session: Session, *, job_id: str) -> list[JobMetric]:
+    return list(session.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)))
+
+
+def add_artifacts(session: Session, *, artifacts: Sequence[Artifact]) -> None:
+    session.add_all(artifacts)
+    session.flush()
+
+
+def list_artifacts(session: Session, *, job_id: str) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
+
+
+def get_artifact(session: Session, *, job_id: str, name: str) -> Artifact | None:
+    return session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+
+
+def count_artifacts(session: Session, *, job_id: str) -> int:
+    return session.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job_id)) or 0

@@ -1,0 +1,198 @@
+"""Request and response schemas (Pydantic v2). Requests forbid unknown fields so typos are 422s, not surprises."""
+
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FILE_ID = r"^file_[0-9a-f]{22}$"
+JOB_ID = r"^job_[0-9a-f]{22}$"
+BUILTIN_DATA = ("builtin:mnist1d", "builtin:digits")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- job spec ------------------------------------------------------------------------------------
+
+
+class Architecture(Strict):
+    name: Literal["mlp", "cnn1d", "cnn2d", "resnet_cifar", "transformer"] = Field(
+        description="Registered architecture name."
+    )
+    config: dict[str, Any] = Field(default_factory=dict, description="Builder options; checked by the worker.")
+
+
+class Teacher(Strict):
+    architecture: Architecture | None = Field(
+        default=None, description="Required with weights_file; taken from the job's model with from_job."
+    )
+    weights_file: str | None = Field(default=None, pattern=FILE_ID, description="An uploaded safetensors file.")
+    from_job: str | None = Field(default=None, pattern=JOB_ID, description="A succeeded job whose model teaches.")
+    weight: float = Field(default=1.0, gt=0, description="Fusion weight (multi-teacher `weighted`).")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.weights_file is None) == (self.from_job is None):
+            raise ValueError("give exactly one of weights_file or from_job")
+        if self.weights_file is not None and self.architecture is None:
+            raise ValueError("architecture is required with weights_file")
+        return self
+
+
+class Student(Strict):
+    architecture: Architecture
+
+
+class SupervisedMethod(Strict):
+    """Cross-entropy from labels only: teachers and the from-scratch baseline."""
+
+    type: Literal["supervised"]
+
+
+class KDMethod(Strict):
+    """Hinton et al. 2015: (1-alpha)*CE + alpha*T^2*KL(p_teacher || p_student)."""
+
+    type: Literal["kd"]
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    alpha: float = Field(default=0.5, ge=0, le=1)
+
+
+Method = Annotated[SupervisedMethod | KDMethod, Field(discriminator="type")]
+TEACHERLESS_METHODS = {"supervised"}
+
+
+class Hyperparameters(Strict):
+    epochs: int = Field(default=30, ge=1, le=10_000)
+    batch_size: int = Field(default=128, ge=1, le=65_536)
+    learning_rate: float = Field(default=3e-3, gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    seed: int = Field(default=0, ge=0)
+    validation_fraction: float = Field(default=0.1, gt=0, lt=1)
+    baseline: bool = Field(default=False, description="Also train the student supervised with the same budget.")
+    max_grad_norm: float | None = Field(default=None, gt=0)
+
+
+class JobCreate(Strict):
+    name: str | None = Field(default=None, max_length=200)
+    teachers: list[Teacher] = Field(default_factory=list, max_length=16)
+    student: Student
+    train_file: str = Field(description="A dataset file id, or builtin:mnist1d / builtin:digits.")
+    validation_file: str | None = None
+    method: Method
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
+
+    @model_validator(mode="after")
+    def _teachers_match_method(self):
+        if self.method.type in TEACHERLESS_METHODS and self.teachers:
+            raise ValueError(f"method {self.method.type!r} takes no teachers")
+        if self.method.type not in TEACHERLESS_METHODS and not self.teachers:
+            raise ValueError(f"method {self.method.type!r} needs at least one teacher")
+        return self
+
+
+# ---- responses -----------------------------------------------------------------------------------
+
+
+class FilePublic(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    purpose: Literal["teacher", "dataset"]
+    filename: str
+    bytes: int
+    sha256: str
+    format: str
+    created_at: datetime
+
+
+class JobProgress(BaseModel):
+    epoch: int = 0
+    epochs: int = 0
+    fraction: float = 0.0
+    phase: str | None = None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobPublic(BaseModel):
+    id: str
+    object: Literal["distillation.job"] = "distillation.job"
+    name: str | None
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    spec: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    progress: JobProgress
+    metrics: dict[str, Any] | None
+    error: JobError | None
+    metadata: dict[str, Any]
+
+
+class EventPublic(BaseModel):
+    id: int
+    object: Literal["distillation.job.event"] = "distillation.job.event"
+    created_at: datetime
+    level: str
+    type: str
+    message: str
+    data: dict[str, Any]
+
+
+class MetricPublic(BaseModel):
+    epoch: int
+    data: dict[str, Any]
+
+
+class ArtifactPublic(BaseModel):
+    name: str
+    object: Literal["artifact"] = "artifact"
+    bytes: int
+    sha256: str
+    content_type: str
+    created_at: datetime
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool = False
+
+
+FilesPublic = Page[FilePublic]
+JobsPublic = Page[JobPublic]
+EventsPublic = Page[EventPublic]
+
+
+class MetricsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[MetricPublic]
+    summary: dict[str, Any] | None
+
+
+class ArtifactsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ArtifactPublic]
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    errors: list[dict[str, Any]] | None = None

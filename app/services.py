@@ -1,0 +1,130 @@
+"""Use cases behind the routes. Services never commit; the route (the request's unit of work) does."""
+
+import hashlib
+import json
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import repositories as repo
+from app.errors import ProblemError, invalid, not_found
+from app.file_checks import InvalidFile, validate_upload
+from app.ids import new_id
+from app.models import File, Job
+from app.schemas import BUILTIN_DATA, TEACHERLESS_METHODS, JobCreate
+from app.settings import get_settings
+from app.storage import get_store
+from app.uploads import ReceivedUpload
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+
+def store_upload(session: Session, *, tenant_id: str, purpose: str, upload: ReceivedUpload) -> File:
+    """Validate the bytes by content, then move them into the store under a generated key."""
+    try:
+        fmt, details = validate_upload(upload.path, purpose)
+    except InvalidFile as e:
+        raise invalid(["body", "file"], str(e), type_="invalid_file") from None
+    file_id = new_id("file")
+    key = f"files/{file_id}"
+    get_store().put_file(key, upload.path)
+    # The user's name is kept for display only, trimmed and stripped of path parts and control characters.
+    name = upload.filename.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable())[:255] or "upload"
+    return repo.add_file(session, file=File(
+        id=file_id, tenant_id=tenant_id, purpose=purpose, filename=name, bytes=upload.bytes,
+        sha256=upload.sha256, format=fmt, storage_key=key, details=details,
+    ))  # fmt: skip
+
+
+# ---- jobs ----------------------------------------------------------------------------------------
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _dataset(session: Session, *, tenant_id: str, ref: str, loc: list, needs_labels: bool) -> None:
+    if ref.startswith("builtin:"):
+        if ref not in BUILTIN_DATA:
+            raise invalid(loc, f"unknown built-in dataset {ref!r}; valid: {', '.join(BUILTIN_DATA)}")
+        return
+    if not ref.startswith("file_"):
+        raise invalid(loc, "expected a dataset file id (file_…) or a built-in dataset name")
+    file = repo.get_file(session, tenant_id=tenant_id, file_id=ref)
+    if file is None:
+        raise not_found("file", ref)
+    if file.purpose != "dataset":
+        raise invalid(loc, f"file {ref} was uploaded with purpose {file.purpose!r}, not 'dataset'")
+    if needs_labels and not file.details.get("has_labels"):
+        raise invalid(loc, f"file {ref} has no 'y' labels, which this method needs (alpha < 1 or supervised)")
+
+
+def _normalise_spec(session: Session, *, tenant_id: str, body: JobCreate) -> dict[str, Any]:
+    spec = body.model_dump(mode="json")
+    method = spec["method"]
+    needs_labels = method["type"] in TEACHERLESS_METHODS or method.get("alpha", 0.0) < 1.0
+    _dataset(session, tenant_id=tenant_id, ref=body.train_file, loc=["body", "train_file"],
+             needs_labels=needs_labels)  # fmt: skip
+    if body.validation_file is not None:
+        _dataset(session, tenant_id=tenant_id, ref=body.validation_file, loc=["body", "validation_file"],
+                 needs_labels=True)  # fmt: skip
+    for i, teacher in enumerate(spec["teachers"]):
+        loc = ["body", "teachers", i]
+        if teacher["weights_file"]:
+            file = repo.get_file(session, tenant_id=tenant_id, file_id=teacher["weights_file"])
+            if file is None:
+                raise not_found("file", teacher["weights_file"])
+            if file.purpose != "teacher":
+                raise invalid(loc + ["weights_file"], f"file {file.id} has purpose {file.purpose!r}, not 'teacher'")
+        else:
+            source = repo.get_job(session, job_id=teacher["from_job"], tenant_id=tenant_id)
+            if source is None:
+                raise not_found("job", teacher["from_job"])
+            if source.status != "succeeded":
+                raise invalid(loc + ["from_job"], f"job {source.id} is {source.status}; only a succeeded job "
+                                                   "can teach")  # fmt: skip
+            teacher["architecture"] = source.spec["student"]["architecture"]
+    return spec
+
+
+def create_job(session: Session, *, tenant_id: str, body: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
+    """Persist a validated job (not yet published). Returns (job, created); created is False on a replay."""
+    digest = request_hash(body.model_dump(mode="json"))
+    if idempotency_key is not None:
+        existing = repo.get_job_by_idempotency_key(session, tenant_id=tenant_id, key=idempotency_key)
+        if existing is not None:
+            if existing.request_hash != digest:
+                raise invalid(["header", "Idempotency-Key"],
+                              "this Idempotency-Key was used with a different request body")  # fmt: skip
+            return existing, False
+    spec = _normalise_spec(session, tenant_id=tenant_id, body=body)
+    job = Job(id=new_id("job"), tenant_id=tenant_id, name=body.name, status="queued", spec=spec,
+              job_metadata=body.metadata, max_attempts=get_settings().max_attempts, progress={},
+              idempotency_key=idempotency_key, request_hash=digest)  # fmt: skip
+    try:
+        with session.begin_nested():
+            repo.add_job(session, job=job)
+            repo.add_event(session, job_id=job.id, message="Job created and queued.")
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won the race.
+        existing = repo.get_job_by_idempotency_key(session, tenant_id=tenant_id, key=idempotency_key or "")
+        if existing is None or existing.request_hash != digest:
+            raise invalid(["header", "Idempotency-Key"],
+                          "this Idempotency-Key was used with a different request body") from None  # fmt: skip
+        return existing, False
+    return job, True
+
+
+def cancel_job(session: Session, *, job: Job) -> None:
+    if job.status in repo.TERMINAL:
+        raise ProblemError(409, f"Job {job.id} is already {job.status}.", code="job_finished")
+    if repo.cancel_queued_job(session, job_id=job.id):
+        repo.add_event(session, job_id=job.id, message="Job cancelled while queued.")
+    elif repo.request_cancel(session, job_id=job.id):
+        repo.add_event(session, job_id=job.id, message="Cancellation requested; the worker stops within a step.")
+    session.refresh(job)
+    if job.status in ("succeeded", "failed"):
+        raise ProblemError(409, f"Job {job.id} is already {job.status}.", code="job_finished")
