@@ -200,7 +200,10 @@ def stranded_job_ids(session: Session, *, requeue_before: datetime, limit: int =
         .where(
             or_(
                 and_(Job.status == "queued", or_(Job.published_at.is_(None), Job.published_at < requeue_before)),
-                and_(Job.status == "running", Job.lease_until < now),
+                # Once per expiry: not again until requeue_before passes, or the lease is renewed and lapses anew.
+                and_(Job.status == "running", Job.lease_until < now,
+                     or_(Job.published_at.is_(None), Job.published_at < Job.lease_until,
+                         Job.published_at < requeue_before)),
             ),
             Job.attempts < Job.max_attempts,
         )

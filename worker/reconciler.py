@@ -1,0 +1,58 @@
+"""The reconciler: the database decides what must run, the broker only carries ids.
+
+Every pass fails jobs that ran out of attempts and re-publishes queued jobs nobody picked up and running jobs
+whose lease expired. Every worker runs one; passes are idempotent because claiming is a conditional UPDATE.
+"""
+
+import logging
+import threading
+from datetime import timedelta
+
+from app import repositories as repo
+from app.db import session_scope
+from app.models import utcnow
+from app.queue import publish_job
+from app.settings import get_settings
+
+log = logging.getLogger(__name__)
+_started = threading.Event()
+
+
+def reconcile_once() -> dict:
+    settings = get_settings()
+    with session_scope() as session:
+        failed = repo.fail_exhausted_jobs(session)
+        for job_id in failed:
+            repo.add_event(session, job_id=job_id, level="error", message="Failed: out of attempts.")
+    with session_scope() as session:
+        stranded = repo.stranded_job_ids(session, requeue_before=utcnow() - timedelta(seconds=settings.requeue_after_s))
+    published = []
+    for job_id in stranded:
+        try:
+            publish_job(job_id)
+            published.append(job_id)
+        except Exception:
+            log.warning("reconciler could not publish %s", job_id, exc_info=True)
+            break
+    if published:
+        with session_scope() as session:
+            repo.mark_published(session, job_ids=published)
+        log.info("reconciler re-published %d job(s): %s", len(published), ", ".join(published[:10]))
+    return {"failed": failed, "published": published}
+
+
+def _loop(interval_s: float) -> None:
+    while True:
+        try:
+            reconcile_once()
+        except Exception:
+            log.warning("reconciler pass failed; retrying next interval", exc_info=True)
+        threading.Event().wait(interval_s)
+
+
+def start_reconciler() -> None:
+    if _started.is_set():
+        return
+    _started.set()
+    threading.Thread(target=_loop, args=(get_settings().reconcile_interval_s,), name="reconciler",
+                     daemon=True).start()  # fmt: skip
