@@ -1,0 +1,67 @@
+"""Faults with real processes: a worker killed mid-job resumes from its checkpoint; cancellation is prompt."""
+
+import signal
+import time
+
+import pytest
+
+from tests.helpers import wait_job
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def slow_spec(epochs: int, name: str = "slow") -> dict:
+    """A supervised job of a few seconds per epoch on this 2-core machine."""
+    return {"name": name, "student": {"architecture": {"name": "cnn1d", "config": {"channels": 48}}},
+            "train_file": "builtin:mnist1d", "method": {"type": "supervised"},
+            "hyperparameters": {"epochs": epochs, "batch_size": 32, "seed": 1}}  # fmt: skip
+
+
+def wait_epochs(client, job_id: str, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]) >= n:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{job_id} did not reach epoch {n}")
+
+
+def test_kill_9_mid_job_resumes_from_checkpoint_with_one_set_of_artifacts(client, service):
+    job_id = client.post("/v1/jobs", json=slow_spec(6, "kill-9")).json()["id"]
+    wait_epochs(client, job_id, 2)
+    victim = next(w for w in service.workers if w.poll() is None)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    done_before = len(client.get(f"/v1/jobs/{job_id}/metrics").json()["data"])
+    service.start_worker()
+    job = wait_job(client, job_id, timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempts"] == 2
+    events = [e["message"] for e in client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]]
+    resumed = [m for m in events if m.startswith("Attempt 2") and "resuming after epoch" in m]
+    assert resumed, events
+    resume_epoch = int(resumed[0].rsplit(" ", 1)[1].rstrip("."))
+    assert resume_epoch >= min(done_before, 2) - 1 and resume_epoch >= 1
+    assert [m["epoch"] for m in client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]] == list(range(1, 7))
+    artifacts = client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+    assert sorted(a["name"] for a in artifacts) == sorted(set(a["name"] for a in artifacts))
+    stored = list((service.data_dir / "store" / "jobs" / job_id).glob("attempt-*"))
+    assert [p.name for p in stored] == ["attempt-2"]
+
+
+def test_cancel_queued_and_running(client, service):
+    running = client.post("/v1/jobs", json=slow_spec(30, "cancel-running")).json()["id"]
+    wait_job(client, running, until={"running"}, timeout=120)
+    queued = client.post("/v1/jobs", json=slow_spec(30, "cancel-queued")).json()["id"]
+    r = client.post(f"/v1/jobs/{queued}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    wait_epochs(client, running, 1)
+    t0 = time.monotonic()
+    assert client.post(f"/v1/jobs/{running}/cancel").status_code == 200
+    job = wait_job(client, running, timeout=30)
+    assert job["status"] == "cancelled" and time.monotonic() - t0 < 10
+    assert client.get(f"/v1/jobs/{running}/artifacts").json()["data"] == []
+    # The worker is free again: a tiny job runs next.
+    quick = {"student": {"architecture": {"name": "mlp", "config": {"hidden_sizes": [8]}}},
+             "train_file": "builtin:digits", "method": {"type": "supervised"}, "hyperparameters": {"epochs": 1}}  # fmt: skip
+    assert wait_job(client, client.post("/v1/jobs", json=quick).json()["id"], timeout=60)["status"] == "succeeded"
