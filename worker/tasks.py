@@ -7,6 +7,7 @@ can write nothing.
 
 import hashlib
 import logging
+import math
 import mimetypes
 import os
 import shutil
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as SATimeoutError
 
 from app import repositories as repo
 from app.db import session_scope
@@ -97,14 +99,32 @@ class Ownership:
         self._thread.join(timeout=5)
 
 
+def json_safe(value):
+    """JSON columns refuse NaN and infinities (PostgreSQL rejects them); they become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _transient(exc: Exception) -> bool:
+    """Outages worth waiting out: a lost database connection, a store or network error."""
+    if isinstance(exc, DBAPIError):
+        return isinstance(exc, OperationalError) or exc.connection_invalidated
+    return isinstance(exc, OSError | SATimeoutError) or type(exc).__module__.startswith(("botocore", "boto3"))
+
+
 def _retrying(fn, *, attempts: int = 30, what: str):
-    """Run a database write, retrying through a short outage (the lease covers us meanwhile)."""
+    """Run a database or store write, retrying through a short outage (the lease covers us meanwhile)."""
     delay = 0.5
     for i in range(attempts):
         try:
             return fn()
-        except Exception:
-            if i == attempts - 1:
+        except Exception as exc:
+            if i == attempts - 1 or not _transient(exc):
                 raise
             log.warning("%s failed; retrying in %.1fs", what, delay, exc_info=True)
             threading.Event().wait(delay)
@@ -118,7 +138,7 @@ class ServiceCallback(Callback):
         self.claim, self.ownership = claim, ownership
 
     def on_epoch_end(self, state) -> None:
-        row = state.history[-1]
+        row = json_safe(state.history[-1])
 
         def write():
             with session_scope() as session:
@@ -142,7 +162,8 @@ class ServiceCallback(Callback):
     def on_log(self, state, level: str, message: str, data: dict) -> None:
         def write():
             with session_scope() as session:
-                repo.add_event(session, job_id=self.claim.job_id, level=level, message=message, data=data)
+                repo.add_event(session, job_id=self.claim.job_id, level=level, message=message,
+                               data=json_safe(data))  # fmt: skip
 
         _retrying(write, what="event write")
 
@@ -231,7 +252,7 @@ def _publish_artifacts(claim: Claim, result) -> bool:
     def finish() -> bool:
         with session_scope() as session:
             if not repo.finish_job(session, job_id=claim.job_id, attempt=claim.attempt, status="succeeded",
-                                   summary=result.summary, progress=_final_progress(claim)):  # fmt: skip
+                                   summary=json_safe(result.summary), progress=_final_progress(claim)):  # fmt: skip
                 return False
             repo.add_artifacts(session, artifacts=rows)
             repo.add_event(session, job_id=claim.job_id, message="Job succeeded.",
@@ -288,7 +309,7 @@ def run_job(job_id: str) -> str:
         with Ownership(job_id, claim.attempt) as ownership:
             inputs = _download_inputs(claim, workdir)
             callbacks = [
-                ProgressCallback(report=lambda p: ownership.renew(progress=p)),
+                ProgressCallback(report=lambda p: ownership.renew(progress=json_safe(p))),
                 CancelCallback(is_cancelled=ownership.should_stop),
                 CheckpointCallback(every_epochs=1),
                 ServiceCallback(claim, ownership),
