@@ -139,12 +139,15 @@ class ServiceCallback(Callback):
 
     def on_epoch_end(self, state) -> None:
         row = json_safe(state.history[-1])
+        phase = row.get("phase", "train")
 
         def write():
             with session_scope() as session:
-                repo.upsert_metric(session, job_id=self.claim.job_id, epoch=row["epoch"], data=row)
+                # The per-epoch series is the distillation run's; the baseline's epochs are in events.
+                if phase == "train":
+                    repo.upsert_metric(session, job_id=self.claim.job_id, epoch=row["epoch"], data=row)
                 repo.add_event(session, job_id=self.claim.job_id, type_="metrics",
-                               message=f"epoch {row['epoch']}/{state.epochs}", data=row)  # fmt: skip
+                               message=f"{phase} epoch {row['epoch']}/{state.epochs}", data=row)  # fmt: skip
 
         _retrying(write, what="metrics write")
 

@@ -86,8 +86,19 @@ class Recorder(Callback):
         return [m for _, m, _ in self.logs]
 
 
-def run(tmp_path: Path, spec: dict, train: str, *, name: str = "out", teachers=(), callbacks=(), job_id="job_test",
-        validation=None, resume_from=None, cache_dir=None):
+def run(
+    tmp_path: Path,
+    spec: dict,
+    train: str,
+    *,
+    name: str = "out",
+    teachers=(),
+    callbacks=(),
+    job_id="job_test",
+    validation=None,
+    resume_from=None,
+    cache_dir=None,
+):
     inputs = RunInputs(
         job_id=job_id,
         spec=copy.deepcopy(spec),

@@ -23,9 +23,15 @@ CASES = [
     ({"name": "resnet_cifar", "config": {"depth": 14, "width": 2}}, (1, 8, 8)),
     ({"name": "transformer", "config": {"d_model": 16, "n_heads": 2, "n_layers": 2}}, (20,)),
     ({"name": "transformer", "config": {"d_model": 16, "n_heads": 4, "n_layers": 1}}, (3, 10)),
-    ({"name": "transformer", "config": {"d_model": 16, "n_heads": 2, "n_layers": 1, "vocab_size": 50}}, (12,)),
+    (
+        {"name": "transformer", "config": {"d_model": 16, "n_heads": 2, "n_layers": 1, "vocab_size": 50}},
+        (12,),
+    ),
 ]
-IDS = [f"{a['name']}-{'x'.join(map(str, s))}" + ("-tokens" if "vocab_size" in a["config"] else "") for a, s in CASES]
+IDS = [
+    f"{a['name']}-{'x'.join(map(str, s))}" + ("-tokens" if "vocab_size" in a["config"] else "")
+    for a, s in CASES
+]
 
 
 def _inputs(model, shape, batch):
@@ -37,7 +43,9 @@ def _inputs(model, shape, batch):
 def test_registry_has_the_minimum_set():
     assert {"mlp", "cnn1d", "cnn2d", "resnet_cifar", "transformer"} <= set(ARCHITECTURES.names())
     for name in ARCHITECTURES.names():
-        assert build_model({"name": name, "config": {}}, (3, 8, 8) if "2d" in name or "resnet" in name else (16,), 5)
+        assert build_model(
+            {"name": name, "config": {}}, (3, 8, 8) if "2d" in name or "resnet" in name else (16,), 5
+        )
 
 
 @pytest.mark.parametrize("arch,shape", CASES, ids=IDS)
@@ -62,7 +70,11 @@ def test_onnx_matches_torch_for_batch_1_and_7(arch, shape, tmp_path):
     # Train-mode steps give BatchNorm non-trivial running statistics to export.
     model.train()
     with torch.no_grad():
-        model(_inputs(model, shape, 8) * 2 + 0.5 if model.input_dtype != torch.int64 else _inputs(model, shape, 8))
+        model(
+            _inputs(model, shape, 8) * 2 + 0.5
+            if model.input_dtype != torch.int64
+            else _inputs(model, shape, 8)
+        )
     model.eval()
     info = export_onnx(model, _inputs(model, shape, 3), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx.data").exists()  # one self-contained file
@@ -81,7 +93,9 @@ def test_onnx_matches_torch_for_batch_1_and_7(arch, shape, tmp_path):
 
 def test_unknown_config_key_names_it():
     with pytest.raises(EngineError) as err:
-        build_model({"name": "mlp", "config": {"hidden_size": [8]}}, (4,), 3, param_prefix="student.architecture")
+        build_model(
+            {"name": "mlp", "config": {"hidden_size": [8]}}, (4,), 3, param_prefix="student.architecture"
+        )
     assert err.value.code == "invalid_architecture"
     assert err.value.param == "student.architecture.config.hidden_size"
     assert "hidden_sizes" in str(err.value)
@@ -97,7 +111,11 @@ def test_unknown_architecture_lists_valid_ones():
 def test_bad_values_and_shapes_are_rejected():
     cases = [
         ({"name": "resnet_cifar", "config": {"depth": 10}}, (3, 8, 8), "architecture.config.depth"),
-        ({"name": "transformer", "config": {"d_model": 10, "n_heads": 4}}, (8,), "architecture.config.n_heads"),
+        (
+            {"name": "transformer", "config": {"d_model": 10, "n_heads": 4}},
+            (8,),
+            "architecture.config.n_heads",
+        ),
         ({"name": "mlp", "config": {"hidden_sizes": "big"}}, (8,), "architecture.config.hidden_sizes"),
         ({"name": "cnn2d", "config": {}}, (8,), "architecture.name"),
         ({"name": "cnn1d", "config": {}}, (3, 8, 8), "architecture.name"),
@@ -158,12 +176,23 @@ def test_non_safetensors_weights_are_rejected(tmp_path):
 
 def test_saved_model_metadata_round_trips(tmp_path):
     model = build_model({"name": "cnn1d", "config": {"channels": 4}}, (16,), 3)
-    save_model(model, tmp_path / "model.safetensors", {
-        "architecture": model.architecture, "input_shape": [16], "num_classes": 3, "job_id": "job_x",
-        "method": {"type": "kd"}, "val_accuracy": 0.5})
+    save_model(
+        model,
+        tmp_path / "model.safetensors",
+        {
+            "architecture": model.architecture,
+            "input_shape": [16],
+            "num_classes": 3,
+            "job_id": "job_x",
+            "method": {"type": "kd"},
+            "val_accuracy": 0.5,
+        },
+    )
     meta = read_model_metadata(tmp_path / "model.safetensors")
-    assert meta["architecture"] == {"name": "cnn1d", "config": {"channels": 4, "num_layers": 3, "kernel_size": 5,
-                                                                "dropout": 0.0}}
+    assert meta["architecture"] == {
+        "name": "cnn1d",
+        "config": {"channels": 4, "num_layers": 3, "kernel_size": 5, "dropout": 0.0},
+    }
     assert (meta["input_shape"], meta["num_classes"], meta["job_id"]) == ([16], 3, "job_x")
     rebuilt = build_model(meta["architecture"], tuple(meta["input_shape"]), meta["num_classes"])
     load_weights_strict(rebuilt, tmp_path / "model.safetensors", who="teacher 0")

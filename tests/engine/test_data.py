@@ -42,8 +42,14 @@ def test_safetensors_and_uint8_images(tmp_path):
     assert got_x.dtype == np.float32 and got_x.max() == 1.0
     assert extras["x_teacher"].shape == (4, 5)
     info = validate_data_file(tmp_path / "d.safetensors")
-    assert info == {"format": "safetensors", "n": 4, "x_shape": [1, 3, 3], "x_dtype": "uint8", "classes": 2,
-                    "has_x_teacher": True}
+    assert info == {
+        "format": "safetensors",
+        "n": 4,
+        "x_shape": [1, 3, 3],
+        "x_dtype": "uint8",
+        "classes": 2,
+        "has_x_teacher": True,
+    }
 
 
 def test_integer_x_is_kept_as_token_ids(tmp_path):
@@ -59,8 +65,10 @@ def test_object_array_is_rejected_without_unpickling(tmp_path):
     bomb[1] = PickleBomb(marker)
     np.savez(tmp_path / "bomb.npz", x=bomb, y=np.array([0, 1]))
     assert b"touch" in (tmp_path / "bomb.npz").read_bytes()  # the payload really is in the file
-    for load in (lambda: load_dataset(str(tmp_path / "bomb.npz"), None),
-                 lambda: validate_data_file(tmp_path / "bomb.npz")):
+    for load in (
+        lambda: load_dataset(str(tmp_path / "bomb.npz"), None),
+        lambda: validate_data_file(tmp_path / "bomb.npz"),
+    ):
         with pytest.raises(EngineError) as err:
             load()
         assert err.value.code == "invalid_data"
@@ -75,14 +83,17 @@ def test_length_mismatch_is_rejected(tmp_path):
     assert err.value.code == "invalid_data" and "10" in str(err.value) and "9" in str(err.value)
 
 
-@pytest.mark.parametrize("arrays,needle", [
-    ({"features": np.zeros((3, 2))}, "no array named 'x'"),
-    ({"x": np.zeros((3, 2)), "y": np.array([0.0, 1.5, 1.0])}, "integer class ids"),
-    ({"x": np.zeros((3, 2)), "y": np.array([0, -1, 1])}, ">= 0"),
-    ({"x": np.zeros(3), "y": np.array([0, 1, 1])}, "must be [N, F]"),
-    ({"x": np.array([True, False]).reshape(2, 1)}, "numeric"),
-    ({"x": np.zeros((3, 2)), "x_teacher": np.zeros((2, 2))}, "'x_teacher' has 2"),
-])
+@pytest.mark.parametrize(
+    "arrays,needle",
+    [
+        ({"features": np.zeros((3, 2))}, "no array named 'x'"),
+        ({"x": np.zeros((3, 2)), "y": np.array([0.0, 1.5, 1.0])}, "integer class ids"),
+        ({"x": np.zeros((3, 2)), "y": np.array([0, -1, 1])}, ">= 0"),
+        ({"x": np.zeros(3), "y": np.array([0, 1, 1])}, "must be [N, F]"),
+        ({"x": np.array([True, False]).reshape(2, 1)}, "numeric"),
+        ({"x": np.zeros((3, 2)), "x_teacher": np.zeros((2, 2))}, "'x_teacher' has 2"),
+    ],
+)
 def test_malformed_files_are_rejected(tmp_path, arrays, needle):
     np.savez(tmp_path / "d.npz", **arrays)
     with pytest.raises(EngineError) as err:

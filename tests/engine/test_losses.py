@@ -90,7 +90,9 @@ def test_unknown_method_type_lists_valid_ones():
 
 def test_method_parameters_are_typed_and_checked():
     with pytest.raises(EngineError) as err:
-        parse_method({"type": "kd", "temperature": 4.0, "alpha": 0.5, "beta": 1}, num_classes=3, num_teachers=1)
+        parse_method(
+            {"type": "kd", "temperature": 4.0, "alpha": 0.5, "beta": 1}, num_classes=3, num_teachers=1
+        )
     assert (err.value.code, err.value.param) == ("invalid_spec", "method.beta")
     with pytest.raises(EngineError) as err:
         parse_method({"type": "kd", "temperature": -1.0}, num_classes=3, num_teachers=1)

@@ -25,9 +25,23 @@ from .conftest import Recorder, blobs, make_spec, run, sha256, write_npz
 
 ARTIFACTS = {"model.safetensors", "model.onnx", "metrics.json", "model_card.md"}
 SUMMARY_KEYS = {
-    "val_accuracy", "teacher_accuracy", "student_params", "teacher_params", "student_bytes", "agreement",
-    "compression_ratio", "speedup", "student_latency_ms", "teacher_latency_ms", "baseline_accuracy", "kd_gain",
-    "gap_recovered", "phases", "num_classes", "input_shape", "epochs_completed",
+    "val_accuracy",
+    "teacher_accuracy",
+    "student_params",
+    "teacher_params",
+    "student_bytes",
+    "agreement",
+    "compression_ratio",
+    "speedup",
+    "student_latency_ms",
+    "teacher_latency_ms",
+    "baseline_accuracy",
+    "kd_gain",
+    "gap_recovered",
+    "phases",
+    "num_classes",
+    "input_shape",
+    "epochs_completed",
 }
 
 
@@ -64,12 +78,20 @@ def test_supervised_run_writes_artifacts(tmp_path, blob_file):
 
 
 def test_kd_run_reports_teacher_metrics_and_baseline(tmp_path, blob_file, blob_teacher):
-    spec = make_spec(method={"type": "kd", "temperature": 2.0, "alpha": 0.7}, baseline=True,
-                     student={"name": "mlp", "config": {"hidden_sizes": [8]}})
+    spec = make_spec(
+        method={"type": "kd", "temperature": 2.0, "alpha": 0.7},
+        baseline=True,
+        student={"name": "mlp", "config": {"hidden_sizes": [8]}},
+    )
     reports = []
     rec = Recorder()
-    result = run(tmp_path, spec, blob_file, teachers=[blob_teacher],
-                 callbacks=[rec, ProgressCallback(reports.append, min_interval_s=0.0)])
+    result = run(
+        tmp_path,
+        spec,
+        blob_file,
+        teachers=[blob_teacher],
+        callbacks=[rec, ProgressCallback(reports.append, min_interval_s=0.0)],
+    )
     s = result.summary
     assert result.status == "succeeded"
     assert len(s["teacher_accuracy"]) == 1 and s["teacher_accuracy"][0] > 0.8
@@ -96,13 +118,22 @@ def test_kd_run_reports_teacher_metrics_and_baseline(tmp_path, blob_file, blob_t
 
 def test_kd_student_on_digits_beats_chance(tmp_path):
     teacher_arch = {"name": "mlp", "config": {"hidden_sizes": [128]}}
-    teacher = run(tmp_path, make_spec(student=teacher_arch, epochs=12, batch_size=64, validation_fraction=0.2),
-                  "builtin:digits", name="teacher", job_id="job_t")
+    teacher = run(
+        tmp_path,
+        make_spec(student=teacher_arch, epochs=12, batch_size=64, validation_fraction=0.2),
+        "builtin:digits",
+        name="teacher",
+        job_id="job_t",
+    )
     path = teacher.artifacts["model.safetensors"]
     assert teacher.summary["val_accuracy"] > 0.9
-    spec = make_spec(student={"name": "mlp", "config": {"hidden_sizes": [16]}},
-                     method={"type": "kd", "temperature": 4.0, "alpha": 0.9}, epochs=12, batch_size=64,
-                     validation_fraction=0.2)
+    spec = make_spec(
+        student={"name": "mlp", "config": {"hidden_sizes": [16]}},
+        method={"type": "kd", "temperature": 4.0, "alpha": 0.9},
+        epochs=12,
+        batch_size=64,
+        validation_fraction=0.2,
+    )
     result = run(tmp_path, spec, "builtin:digits", teachers=[TeacherInput(teacher_arch, path, sha256(path))])
     s = result.summary
     assert s["val_accuracy"] > 0.8  # chance is 0.1
@@ -123,8 +154,13 @@ def test_teacher_runs_once_per_run_not_per_epoch(tmp_path, blob_file, monkeypatc
     counts = {}
     for epochs in (1, 4):
         calls.clear()
-        run(tmp_path, {**spec, "hyperparameters": {**spec["hyperparameters"], "epochs": epochs}}, blob_file,
-            name=f"s{epochs}", teachers=[t_input])
+        run(
+            tmp_path,
+            {**spec, "hyperparameters": {**spec["hyperparameters"], "epochs": epochs}},
+            blob_file,
+            name=f"s{epochs}",
+            teachers=[t_input],
+        )
         counts[epochs] = list(calls)
     assert counts[1] == counts[4]  # teacher work does not grow with epochs
     assert sum(counts[1][:2]) == len(x)  # one pass over the train rows (320) and the val rows (80)
@@ -133,10 +169,24 @@ def test_teacher_runs_once_per_run_not_per_epoch(tmp_path, blob_file, monkeypatc
 def test_teacher_cache_on_disk_is_reused(tmp_path, blob_file, blob_teacher):
     spec = make_spec(method={"type": "kd", "temperature": 2.0, "alpha": 0.5})
     first_rec, second_rec = Recorder(), Recorder()
-    first = run(tmp_path, spec, blob_file, name="a", teachers=[blob_teacher], cache_dir=tmp_path / "cache",
-                callbacks=[first_rec])
-    second = run(tmp_path, spec, blob_file, name="b", teachers=[blob_teacher], cache_dir=tmp_path / "cache",
-                 callbacks=[second_rec])
+    first = run(
+        tmp_path,
+        spec,
+        blob_file,
+        name="a",
+        teachers=[blob_teacher],
+        cache_dir=tmp_path / "cache",
+        callbacks=[first_rec],
+    )
+    second = run(
+        tmp_path,
+        spec,
+        blob_file,
+        name="b",
+        teachers=[blob_teacher],
+        cache_dir=tmp_path / "cache",
+        callbacks=[second_rec],
+    )
     assert first.summary["teacher_cache"] == "built" and second.summary["teacher_cache"] == "hit"
     assert "teacher cache hit" in second_rec.messages()
     assert second.summary["val_accuracy"] == first.summary["val_accuracy"]
@@ -146,21 +196,31 @@ def test_teacher_cache_on_disk_is_reused(tmp_path, blob_file, blob_teacher):
 def test_teacher_architecture_can_come_from_model_metadata(tmp_path, blob_file, blob_teacher):
     # A from_job teacher: the engine's own model.safetensors names its architecture.
     from_job = TeacherInput({}, blob_teacher.weights_path, blob_teacher.sha256)
-    result = run(tmp_path, make_spec(method={"type": "kd", "temperature": 2.0, "alpha": 0.5}), blob_file,
-                 teachers=[from_job])
+    result = run(
+        tmp_path,
+        make_spec(method={"type": "kd", "temperature": 2.0, "alpha": 0.5}),
+        blob_file,
+        teachers=[from_job],
+    )
     assert result.summary["teacher_accuracy"][0] > 0.8
 
 
 def test_teacher_is_not_modified_by_training(tmp_path, blob_file, blob_teacher):
     before = load_file(str(blob_teacher.weights_path))
-    run(tmp_path, make_spec(method={"type": "kd", "temperature": 2.0, "alpha": 0.5}), blob_file,
-        teachers=[blob_teacher])
+    run(
+        tmp_path,
+        make_spec(method={"type": "kd", "temperature": 2.0, "alpha": 0.5}),
+        blob_file,
+        teachers=[blob_teacher],
+    )
     after = load_file(str(blob_teacher.weights_path))
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_teacher_weights_mismatch_fails_the_job(tmp_path, blob_file, blob_teacher):
-    wrong = TeacherInput({"name": "mlp", "config": {"hidden_sizes": [32, 64]}}, blob_teacher.weights_path, "x")
+    wrong = TeacherInput(
+        {"name": "mlp", "config": {"hidden_sizes": [32, 64]}}, blob_teacher.weights_path, "x"
+    )
     with pytest.raises(EngineError) as err:
         run(tmp_path, make_spec(method={"type": "kd"}), blob_file, teachers=[wrong])
     assert err.value.code == "weights_mismatch"
@@ -212,7 +272,9 @@ def test_cancel_stops_without_artifacts(tmp_path, blob_file):
         return len(polls) >= 4  # cancelled a few steps into the first epoch
 
     rec = Recorder()
-    result = run(tmp_path, make_spec(epochs=50), blob_file, callbacks=[rec, CancelCallback(is_cancelled, 0.0)])
+    result = run(
+        tmp_path, make_spec(epochs=50), blob_file, callbacks=[rec, CancelCallback(is_cancelled, 0.0)]
+    )
     assert result.status == "cancelled"
     assert result.artifacts == {}
     assert result.summary["epochs_completed"] == 0
@@ -227,8 +289,12 @@ def test_cancel_after_an_epoch_keeps_the_checkpoint_but_writes_no_artifacts(tmp_
             if state.epoch == 2:
                 state.should_stop = True
 
-    result = run(tmp_path, make_spec(epochs=10), blob_file,
-                 callbacks=[CheckpointCallback(), CancelAtEpoch2(lambda: False)])
+    result = run(
+        tmp_path,
+        make_spec(epochs=10),
+        blob_file,
+        callbacks=[CheckpointCallback(), CancelAtEpoch2(lambda: False)],
+    )
     assert result.status == "cancelled" and result.summary["epochs_completed"] == 2
     assert load_checkpoint(tmp_path / "out" / "checkpoint.pt")["epoch"] == 2
     assert not any((tmp_path / "out" / name).exists() for name in ARTIFACTS)
@@ -272,8 +338,14 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, blob_file):
     assert not list((tmp_path / "attempt1").glob("*.tmp"))
 
     rec = Recorder()
-    resumed = run(tmp_path, spec, blob_file, name="attempt2", resume_from=checkpoint,
-                  callbacks=[rec, CheckpointCallback()])
+    resumed = run(
+        tmp_path,
+        spec,
+        blob_file,
+        name="attempt2",
+        resume_from=checkpoint,
+        callbacks=[rec, CheckpointCallback()],
+    )
     assert "resuming from checkpoint" in rec.messages()
     assert [r["epoch"] for r in rec.epoch_rows] == [3, 4]  # only the remaining epochs ran
     _assert_same_weights(_weights(full), _weights(resumed))
@@ -290,8 +362,14 @@ def test_resume_two_epochs_to_four_with_constant_schedule(tmp_path, blob_file):
     spec4 = make_spec(epochs=4, scheduler="constant", optimizer="sgd", learning_rate=0.05)
     first = run(tmp_path, spec2, blob_file, name="two", callbacks=[CheckpointCallback()])
     assert first.summary["epochs_completed"] == 2
-    resumed = run(tmp_path, spec4, blob_file, name="resumed", resume_from=tmp_path / "two" / "checkpoint.pt",
-                  callbacks=[CheckpointCallback()])
+    resumed = run(
+        tmp_path,
+        spec4,
+        blob_file,
+        name="resumed",
+        resume_from=tmp_path / "two" / "checkpoint.pt",
+        callbacks=[CheckpointCallback()],
+    )
     full = run(tmp_path, spec4, blob_file, name="four")
     assert resumed.summary["epochs_completed"] == 4
     _assert_same_weights(_weights(full), _weights(resumed))
@@ -305,10 +383,22 @@ def test_checkpoint_holds_only_plain_data(tmp_path, blob_file):
 
 
 def test_checkpoint_of_another_job_is_ignored(tmp_path, blob_file):
-    run(tmp_path, make_spec(epochs=1), blob_file, name="other", job_id="job_other", callbacks=[CheckpointCallback()])
+    run(
+        tmp_path,
+        make_spec(epochs=1),
+        blob_file,
+        name="other",
+        job_id="job_other",
+        callbacks=[CheckpointCallback()],
+    )
     rec = Recorder()
-    result = run(tmp_path, make_spec(epochs=2), blob_file, resume_from=tmp_path / "other" / "checkpoint.pt",
-                 callbacks=[rec])
+    result = run(
+        tmp_path,
+        make_spec(epochs=2),
+        blob_file,
+        resume_from=tmp_path / "other" / "checkpoint.pt",
+        callbacks=[rec],
+    )
     assert any("another job" in m for m in rec.messages())
     assert [r["epoch"] for r in rec.epoch_rows] == [1, 2]
     assert result.status == "succeeded"
@@ -316,8 +406,12 @@ def test_checkpoint_of_another_job_is_ignored(tmp_path, blob_file):
 
 def test_progress_is_throttled(tmp_path, blob_file):
     reports = []
-    run(tmp_path, make_spec(epochs=3, batch_size=8), blob_file,
-        callbacks=[ProgressCallback(reports.append, min_interval_s=3600)])
+    run(
+        tmp_path,
+        make_spec(epochs=3, batch_size=8),
+        blob_file,
+        callbacks=[ProgressCallback(reports.append, min_interval_s=3600)],
+    )
     # Train begin, one per epoch end, train end; the 40 steps per epoch add none.
     assert len(reports) == 1 + 3 + 1
     assert [r["epoch"] for r in reports] == [0, 1, 2, 3, 3]
@@ -335,8 +429,9 @@ def test_explicit_validation_file_and_transformer_tokens(tmp_path):
     train = write_npz(tmp_path / "train.npz", x=x[:240].astype(np.int32), y=y[:240])
     val = write_npz(tmp_path / "val.npz", x=x[240:].astype(np.int32), y=y[240:])
     arch = {"name": "transformer", "config": {"d_model": 16, "n_heads": 2, "n_layers": 1, "vocab_size": 20}}
-    result = run(tmp_path, make_spec(student=arch, epochs=6, learning_rate=0.01, batch_size=32), train,
-                 validation=val)
+    result = run(
+        tmp_path, make_spec(student=arch, epochs=6, learning_rate=0.01, batch_size=32), train, validation=val
+    )
     assert result.summary["n_val"] == 60 and result.summary["input_dtype"] == "int64"
     assert result.summary["val_accuracy"] > 0.6
     session = ort.InferenceSession(str(result.artifacts["model.onnx"]), providers=["CPUExecutionProvider"])

@@ -30,7 +30,9 @@ def parse_config(cls: type[C], data: Any, *, code: str, prefix: str) -> C:
     for key, value in data.items():
         if key not in fields:
             valid = ", ".join(fields) or "(none)"
-            raise EngineError(code, f"unknown key {key!r} in {prefix}; valid keys: {valid}", param=f"{prefix}.{key}")
+            raise EngineError(
+                code, f"unknown key {key!r} in {prefix}; valid keys: {valid}", param=f"{prefix}.{key}"
+            )
         values[key] = _coerce(value, hints[key], code=code, param=f"{prefix}.{key}")
     try:
         return cls(**values)

@@ -1,0 +1,36 @@
+"""PyTorch distillation engine: pure torch/numpy, no database, queue or web framework.
+
+The worker calls ``run_distillation(RunInputs(...), callbacks)``; see docs/engine.md.
+"""
+
+from .architectures import ARCHITECTURES, build_model, count_parameters
+from .callbacks import Callback, CancelCallback, CheckpointCallback, ProgressCallback, TrainState
+from .data import load_dataset, validate_data_file
+from .errors import EngineError
+from .methods import METHODS, DistillationLoss, StepBatch
+from .run import RunInputs, RunResult, TeacherInput, run_distillation
+from .trainer import TrainConfig
+from .weights import read_model_metadata
+
+__all__ = [
+    "ARCHITECTURES",
+    "METHODS",
+    "Callback",
+    "CancelCallback",
+    "CheckpointCallback",
+    "DistillationLoss",
+    "EngineError",
+    "ProgressCallback",
+    "RunInputs",
+    "RunResult",
+    "StepBatch",
+    "TeacherInput",
+    "TrainConfig",
+    "TrainState",
+    "build_model",
+    "count_parameters",
+    "load_dataset",
+    "read_model_metadata",
+    "run_distillation",
+    "validate_data_file",
+]

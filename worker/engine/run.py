@@ -1,0 +1,559 @@
+"""``run_distillation``: one job from spec to artifacts.
+
+Phases, each timed: load (spec, data, models) → teacher_cache (teacher logits
+once, teacher evaluation) → train (``trainer.fit``) → baseline (optional, the same
+student supervised) → evaluate (sizes, latency) → export (safetensors, ONNX,
+metrics.json, model card). The worker supplies paths and callbacks; nothing here
+knows about databases or queues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .architectures import build_model, count_parameters, describe
+from .callbacks import Callback, CallbackList, TrainState
+from .config import parse_config
+from .data import array_identity, describe_source, load_dataset, split_validation
+from .errors import EngineError
+from .evaluate import cpu_latency_ms, fused_predictions
+from .export import export_onnx, write_metrics, write_model_card
+from .methods import SupervisedConfig, SupervisedLoss, parse_method
+from .teacher_cache import cache_key, teacher_logits
+from .trainer import Split, TrainConfig, accuracy, agreement, fit, load_checkpoint, predict
+from .weights import freeze, load_weights_strict, read_model_metadata, save_model
+
+# Keep whole data sets on the accelerator below this size; above it, batches are copied per step.
+_DEVICE_DATA_LIMIT = 2 * 1024**3
+_LATENCY_ROWS = 32
+
+
+@dataclass
+class TeacherInput:
+    architecture: dict  # {"name": "cnn1d", "config": {...}}
+    weights_path: Path  # local safetensors file
+    sha256: str  # of that file (for cache keys)
+    weight: float = 1.0  # used by multi-teacher fusion
+
+
+@dataclass
+class RunInputs:
+    job_id: str  # the job being run
+    spec: dict  # the normalised job spec JSON
+    teachers: list[TeacherInput]  # resolved teacher files, in spec order
+    train_data: str  # local .npz/.safetensors path, or "builtin:mnist1d" / "builtin:digits"
+    validation_data: str | None  # local path, or None to split validation_fraction off train
+    output_dir: Path  # artifacts and checkpoint.pt are written here
+    device: str = "cpu"  # "cpu" or "cuda", decided by the caller
+    resume_from: Path | None = None  # checkpoint of an earlier attempt of this job
+    cache_dir: Path | None = None  # builtin data and teacher-logit caches
+
+
+@dataclass
+class RunResult:
+    status: str  # "succeeded" or "cancelled"
+    artifacts: dict[str, Path] = field(default_factory=dict)  # name -> path; empty when cancelled
+    summary: dict = field(default_factory=dict)  # summary metrics (also in metrics.json)
+
+
+def _empty_summary(job_id: str, method: str | None, device: str) -> dict:
+    return {
+        "job_id": job_id,
+        "method": method,
+        "device": device,
+        "val_accuracy": None,
+        "teacher_accuracy": [],
+        "teacher_ensemble_accuracy": None,
+        "student_params": None,
+        "teacher_params": [],
+        "student_bytes": None,
+        "teacher_bytes": [],
+        "agreement": None,
+        "agreement_per_teacher": [],
+        "compression_ratio": None,
+        "speedup": None,
+        "student_latency_ms": None,
+        "teacher_latency_ms": [],
+        "baseline_accuracy": None,
+        "kd_gain": None,
+        "gap_recovered": None,
+        "phases": {},
+        "num_classes": None,
+        "input_shape": None,
+        "input_dtype": None,
+        "n_train": None,
+        "n_val": None,
+        "epochs": None,
+        "epochs_completed": 0,
+        "teacher_cache": None,
+        "onnx_opset": None,
+        "onnx_max_abs_diff": None,
+    }
+
+
+def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
+    """Run one job. Raises ``EngineError`` for user-fixable failures."""
+    cbs = CallbackList(callbacks)
+    state = TrainState(job_id=inputs.job_id)
+    spec = inputs.spec if isinstance(inputs.spec, dict) else {}
+    device = torch.device(inputs.device)
+    out_dir = Path(inputs.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    method_type = (spec.get("method") or {}).get("type") if isinstance(spec.get("method"), dict) else None
+    summary = _empty_summary(inputs.job_id, method_type, str(device))
+    phases: dict[str, float] = summary["phases"]
+
+    def log(level: str, message: str, **data) -> None:
+        cbs.on_log(state, level, message, data)
+
+    @contextlib.contextmanager
+    def phase(name: str):
+        state.phase = name
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
+
+    def cancelled() -> RunResult:
+        log("info", "job cancelled", epochs_completed=summary["epochs_completed"], phase=state.phase)
+        return RunResult("cancelled", {}, summary)
+
+    # ---- load: spec, data, models -------------------------------------------------------------
+    with phase("load"):
+        config = parse_config(
+            TrainConfig, spec.get("hyperparameters"), code="invalid_spec", prefix="hyperparameters"
+        )
+        _reject_unsupported(spec)
+        student_arch = (spec.get("student") or {}).get("architecture")
+        summary["epochs"] = config.epochs
+
+        x, y, extras = load_dataset(inputs.train_data, inputs.cache_dir)
+        if inputs.validation_data is not None:
+            xv, yv, extras_v = load_dataset(inputs.validation_data, inputs.cache_dir)
+            _check_validation_matches(x, extras, xv, extras_v)
+            validation_label = describe_source(inputs.validation_data)
+        else:
+            train_idx, val_idx = split_validation(len(x), config.validation_fraction, config.seed)
+            xv, yv = x[val_idx], (y[val_idx] if y is not None else None)
+            x, y = x[train_idx], (y[train_idx] if y is not None else None)
+            extras_v = {}
+            if "x_teacher" in extras:
+                extras_v["x_teacher"] = extras["x_teacher"][val_idx]
+                extras = {**extras, "x_teacher": extras["x_teacher"][train_idx]}
+            validation_label = f"{config.validation_fraction:g} of train, seed {config.seed}"
+        labels = [a for a in (y, yv) if a is not None and len(a)]
+        if not labels:
+            raise EngineError(
+                "invalid_data", "the data has no labels 'y', so the class count is unknown", "train_file"
+            )
+        num_classes = max(int(a.max()) for a in labels) + 1
+
+        loss_fn = parse_method(spec.get("method"), num_classes=num_classes, num_teachers=len(inputs.teachers))
+        if loss_fn.requires_labels and (y is None or yv is None):
+            raise EngineError(
+                "invalid_data",
+                f"method {method_type!r} needs labels: the data has no 'y' array",
+                param="train_file" if y is None else "validation_file",
+            )
+        teacher_key = loss_fn.teacher_input
+        if (
+            loss_fn.uses_teachers
+            and teacher_key != "x"
+            and (teacher_key not in extras or teacher_key not in extras_v)
+        ):
+            raise EngineError(
+                "invalid_data",
+                f"method {method_type!r} needs an {teacher_key!r} array in the data",
+                param="train_file",
+            )
+        xt = extras.get(teacher_key, x) if teacher_key != "x" else x
+        xvt = extras_v.get(teacher_key, xv) if teacher_key != "x" else xv
+
+        teacher_inputs = inputs.teachers if loss_fn.uses_teachers else []
+        if inputs.teachers and not loss_fn.uses_teachers:
+            log(
+                "warning",
+                f"method {method_type!r} uses no teacher; the {len(inputs.teachers)} teacher(s) are ignored",
+            )
+        teachers: list[nn.Module] = []
+        for i, t in enumerate(teacher_inputs):
+            # A model written by this service (a from_job teacher) carries its own architecture.
+            arch = t.architecture or read_model_metadata(t.weights_path)["architecture"]
+            teacher = build_model(arch, xt.shape[1:], num_classes, param_prefix=f"teachers[{i}].architecture")
+            load_weights_strict(teacher, t.weights_path, who=f"teacher {i}", param=f"teachers[{i}]")
+            teachers.append(freeze(teacher).to(device))
+        teacher_weights = [float(t.weight) for t in teacher_inputs]
+
+        # Seeded right before the student so its init is the same on every attempt and for the baseline.
+        torch.manual_seed(config.seed)
+        student = build_model(student_arch, x.shape[1:], num_classes, param_prefix="student.architecture")
+        student_arch = student.architecture
+        student = loss_fn.wrap_student(student).to(device)
+        loss_fn.to(device)
+        _check_input_kind(student, x, "student", "train_file")
+        for i, teacher in enumerate(teachers):
+            _check_input_kind(teacher, xt, f"teacher {i}", "train_file")
+
+        keep_on = device if _nbytes(x, y, xt, xv, yv, xvt) < _DEVICE_DATA_LIMIT else torch.device("cpu")
+        train = Split(_tensor(x, student, keep_on), _tensor(y, None, keep_on))
+        val = Split(_tensor(xv, student, keep_on), _tensor(yv, None, keep_on))
+        train.teacher_x = [_tensor(xt, t, keep_on) for t in teachers]
+        val.teacher_x = [_tensor(xvt, t, keep_on) for t in teachers]
+        summary.update(
+            num_classes=num_classes,
+            input_shape=[int(d) for d in x.shape[1:]],
+            input_dtype=str(train.x.dtype).replace("torch.", ""),
+            n_train=len(x),
+            n_val=len(xv),
+        )
+        log(
+            "info",
+            "data loaded",
+            n_train=len(x),
+            n_val=len(xv),
+            input_shape=summary["input_shape"],
+            num_classes=num_classes,
+            train=describe_source(inputs.train_data),
+            validation=validation_label,
+        )
+
+        resume = _load_resume(inputs, student, log)
+
+    # ---- teacher cache: teacher logits once per run (and per data set with a cache folder) ----
+    with phase("teacher_cache"):
+        val_logits, hits = [], []
+        for i, (teacher, t) in enumerate(zip(teachers, teacher_inputs)):
+            started = time.perf_counter()
+            if loss_fn.cacheable:
+                logits, hit = teacher_logits(
+                    teacher,
+                    train.teacher_x[i],
+                    device,
+                    who=f"teacher {i}",
+                    dtype=torch.float16,
+                    cache_dir=inputs.cache_dir,
+                    key=_cache_key(t, teacher, num_classes, xt, torch.float16),
+                )
+                train.teacher_logits.append(logits)
+                hits.append(hit)
+                log(
+                    "info",
+                    "teacher cache hit" if hit else "teacher cache built",
+                    teacher=i,
+                    rows=len(logits),
+                    seconds=round(time.perf_counter() - started, 3),
+                )
+            vlogits, _ = teacher_logits(
+                teacher,
+                val.teacher_x[i],
+                device,
+                who=f"teacher {i}",
+                dtype=torch.float32,
+                cache_dir=inputs.cache_dir,
+                key=_cache_key(t, teacher, num_classes, xvt, torch.float32),
+            )
+            val_logits.append(vlogits)
+            acc = accuracy(vlogits, val.y)
+            summary["teacher_accuracy"].append(acc)
+            summary["teacher_params"].append(count_parameters(teacher))
+            summary["teacher_bytes"].append(Path(t.weights_path).stat().st_size)
+            log(
+                "info",
+                "teacher evaluated",
+                teacher=i,
+                architecture=describe(teacher.architecture),
+                val_accuracy=acc,
+                params=summary["teacher_params"][-1],
+            )
+        if teachers:
+            summary["teacher_cache"] = ("hit" if all(hits) else "built") if loss_fn.cacheable else "fresh"
+        reference = fused_predictions(val_logits, teacher_weights)
+        if len(val_logits) > 1:
+            summary["teacher_ensemble_accuracy"] = (
+                (reference == val.y.to(reference.device)).float().mean().item() if val.y is not None else None
+            )
+
+    # ---- train ---------------------------------------------------------------------------------
+    with phase("train"):
+        state.progress_start, state.progress_span = 0.0, 0.5 if _wants_baseline(config, loss_fn) else 1.0
+        fit(
+            student=student,
+            loss_fn=loss_fn,
+            teachers=teachers,
+            teacher_weights=teacher_weights,
+            train=train,
+            val=val,
+            val_reference=reference,
+            config=config,
+            state=state,
+            callbacks=cbs,
+            device=device,
+            checkpoint_path=out_dir / "checkpoint.pt",
+            resume=resume,
+        )
+    history = state.history
+    summary["epochs_completed"] = state.epoch
+    if history:
+        summary["val_accuracy"] = history[-1]["val_accuracy"]
+        summary["agreement"] = history[-1]["teacher_agreement"]
+    if state.cancelled:
+        return cancelled()
+    log("info", "training finished", epochs=state.epoch, val_accuracy=summary["val_accuracy"])
+
+    # ---- baseline: the same student, supervised, same budget and seed -------------------------
+    baseline_history: list[dict] = []
+    if _wants_baseline(config, loss_fn):
+        with phase("baseline"):
+            torch.manual_seed(config.seed)
+            base = build_model(
+                student_arch, x.shape[1:], num_classes, param_prefix="student.architecture"
+            ).to(device)
+            base_loss = SupervisedLoss(SupervisedConfig(), num_classes=num_classes, num_teachers=0).to(device)
+            state.progress_start, state.progress_span = 0.5, 0.5
+            fit(
+                student=base,
+                loss_fn=base_loss,
+                teachers=[],
+                teacher_weights=[],
+                train=Split(train.x, train.y),
+                val=val,
+                val_reference=reference,
+                config=config,
+                state=state,
+                callbacks=cbs,
+                device=device,
+            )
+            baseline_history = state.history
+        if state.cancelled:
+            return cancelled()
+        _fill_baseline(summary, baseline_history[-1]["val_accuracy"])
+        log(
+            "info", "baseline finished", val_accuracy=summary["baseline_accuracy"], kd_gain=summary["kd_gain"]
+        )
+
+    # ---- evaluate: final agreement per teacher, sizes, CPU latency ----------------------------
+    with phase("evaluate"):
+        student.eval()
+        final_logits = predict(student, val.x, device)
+        summary["agreement_per_teacher"] = [agreement(final_logits, v.argmax(-1)) for v in val_logits]
+        summary["student_params"] = count_parameters(student)
+        summary["student_latency_ms"] = cpu_latency_ms(student, val.x[:_LATENCY_ROWS])
+        summary["teacher_latency_ms"] = [
+            cpu_latency_ms(t, tx[:_LATENCY_ROWS]) for t, tx in zip(teachers, val.teacher_x)
+        ]
+        if teachers:
+            summary["compression_ratio"] = sum(summary["teacher_params"]) / summary["student_params"]
+            summary["speedup"] = sum(summary["teacher_latency_ms"]) / summary["student_latency_ms"]
+
+    # ---- export: weights, ONNX, metrics, model card --------------------------------------------
+    with phase("export"):
+        artifacts: dict[str, Path] = {}
+        model_path = out_dir / "model.safetensors"
+        save_model(
+            student,
+            model_path,
+            {
+                "architecture": student_arch,
+                "input_shape": summary["input_shape"],
+                "input_dtype": summary["input_dtype"],
+                "num_classes": num_classes,
+                "job_id": inputs.job_id,
+                "method": spec.get("method"),
+                "val_accuracy": summary["val_accuracy"],
+            },
+        )
+        artifacts["model.safetensors"] = model_path
+        summary["student_bytes"] = model_path.stat().st_size
+        onnx_path = out_dir / "model.onnx"
+        try:
+            onnx_info = export_onnx(_cpu_copy(student, device), val.x[:8].to("cpu"), onnx_path)
+        except Exception as err:  # noqa: BLE001 - an export bug must not throw away a finished training run
+            log(
+                "error",
+                "ONNX export failed; model.onnx is not produced",
+                error=f"{type(err).__name__}: {err}",
+            )
+        else:
+            for f in onnx_info["files"]:
+                artifacts[f.name] = f
+            summary["onnx_opset"] = onnx_info["opset"]
+            summary["onnx_max_abs_diff"] = onnx_info["max_abs_diff"]
+    state.phase = "done"
+
+    metrics_path, card_path = out_dir / "metrics.json", out_dir / "model_card.md"
+    write_metrics(
+        metrics_path,
+        {"summary": summary, "history": history, "baseline_history": baseline_history, "phases": phases},
+    )
+    artifacts["metrics.json"] = metrics_path
+    teacher_rows = [
+        {
+            "label": describe(teacher.architecture),
+            "accuracy": summary["teacher_accuracy"][i],
+            "params": summary["teacher_params"][i],
+            "bytes": summary["teacher_bytes"][i],
+            "latency_ms": summary["teacher_latency_ms"][i],
+        }
+        for i, teacher in enumerate(teachers)
+    ]
+    write_model_card(
+        card_path,
+        spec=spec,
+        summary=summary,
+        history=history,
+        teachers=teacher_rows,
+        data={
+            "train": describe_source(inputs.train_data),
+            "validation": validation_label,
+            "n_train": len(x),
+            "n_val": len(xv),
+        },
+    )
+    artifacts["model_card.md"] = card_path
+    log("info", "artifacts written", artifacts=sorted(artifacts))
+    return RunResult("succeeded", artifacts, summary)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _wants_baseline(config: TrainConfig, loss_fn) -> bool:
+    # A supervised run is its own baseline.
+    return config.baseline and loss_fn.uses_teachers
+
+
+def _fill_baseline(summary: dict, baseline: float | None) -> None:
+    student = summary["val_accuracy"]
+    summary["baseline_accuracy"] = baseline
+    if baseline is None or student is None:
+        return
+    summary["kd_gain"] = 100.0 * (student - baseline)
+    teacher = (
+        summary["teacher_ensemble_accuracy"]
+        if len(summary["teacher_accuracy"]) > 1
+        else (summary["teacher_accuracy"][0] if summary["teacher_accuracy"] else None)
+    )
+    # Only meaningful when the teacher beats the baseline; otherwise there is no gap to recover.
+    if teacher is not None and teacher - baseline > 1e-12:
+        summary["gap_recovered"] = (student - baseline) / (teacher - baseline)
+
+
+def _reject_unsupported(spec: dict) -> None:
+    """Fail loudly on spec features this engine version does not implement yet, rather than ignore them."""
+    for key, neutral in (
+        ("augmentation", ("none",)),
+        ("teacher_outputs", ("cached", "fresh")),
+        ("recipe", ()),
+    ):
+        value = spec.get(key)
+        if value is not None and value not in neutral:
+            raise EngineError(
+                "invalid_spec", f"{key}={value!r} is not supported by this engine version", param=key
+            )
+
+
+def _check_validation_matches(x, extras, xv, extras_v) -> None:
+    if xv.shape[1:] != x.shape[1:]:
+        raise EngineError(
+            "invalid_data",
+            f"validation 'x' has per-sample shape {list(xv.shape[1:])}, train has {list(x.shape[1:])}",
+            param="validation_file",
+        )
+    if (xv.dtype.kind == "f") != (x.dtype.kind == "f"):
+        raise EngineError(
+            "invalid_data", f"validation 'x' is {xv.dtype}, train 'x' is {x.dtype}", param="validation_file"
+        )
+    if (
+        "x_teacher" in extras
+        and "x_teacher" in extras_v
+        and extras["x_teacher"].shape[1:] != extras_v["x_teacher"].shape[1:]
+    ):
+        raise EngineError(
+            "invalid_data", "validation 'x_teacher' shape differs from train", param="validation_file"
+        )
+
+
+def _check_input_kind(model: nn.Module, x: np.ndarray, who: str, param: str) -> None:
+    wants_tokens = getattr(model, "input_dtype", torch.float32) == torch.int64
+    if wants_tokens:
+        if x.dtype.kind == "f":
+            raise EngineError(
+                "invalid_data",
+                f"{who} reads token ids (vocab_size is set) but 'x' is {x.dtype}; "
+                "store token ids as an integer array",
+                param=param,
+            )
+        vocab = model.embed.num_embeddings
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= vocab:
+            raise EngineError(
+                "invalid_data",
+                f"token ids must be in [0, {vocab}) for vocab_size={vocab}; found values in [{lo}, {hi}]",
+                param=param,
+            )
+
+
+def _tensor(a: np.ndarray | None, model: nn.Module | None, device: torch.device) -> torch.Tensor | None:
+    if a is None:
+        return None
+    if not a.flags.writeable or not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a).copy()
+    t = torch.from_numpy(a)
+    if model is not None:
+        t = t.to(getattr(model, "input_dtype", torch.float32))
+    return t.to(device)
+
+
+def _nbytes(*arrays) -> int:
+    return sum(a.nbytes for a in arrays if a is not None)
+
+
+def _cache_key(
+    t: TeacherInput, teacher: nn.Module, num_classes: int, x: np.ndarray, dtype: torch.dtype
+) -> str | None:
+    # Without the weights' hash there is no safe cross-job key; compute-once-per-run still applies.
+    if not t.sha256:
+        return None
+    return cache_key(t.sha256, teacher.architecture, num_classes, array_identity(x), dtype)
+
+
+def _cpu_copy(model: nn.Module, device: torch.device) -> nn.Module:
+    return model if device.type == "cpu" else copy.deepcopy(model).to("cpu")
+
+
+def _load_resume(inputs: RunInputs, student: nn.Module, log) -> dict | None:
+    """The earlier attempt's checkpoint, if it belongs to this job and this student."""
+    if inputs.resume_from is None:
+        return None
+    path = Path(inputs.resume_from)
+    if not path.is_file():
+        log("warning", "checkpoint to resume from does not exist; starting from epoch 0", path=path.name)
+        return None
+    try:
+        ckpt = load_checkpoint(path)
+    except Exception as err:  # noqa: BLE001 - unreadable: training from zero beats failing the job
+        log("warning", "checkpoint unreadable; starting from epoch 0", error=f"{type(err).__name__}: {err}")
+        return None
+    if ckpt.get("job_id") != inputs.job_id:
+        log(
+            "warning",
+            "checkpoint belongs to another job; starting from epoch 0",
+            checkpoint_job=ckpt.get("job_id"),
+        )
+        return None
+    expected = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in ckpt["student"].items()}
+    if expected != got:
+        log("warning", "checkpoint does not match the student architecture; starting from epoch 0")
+        return None
+    log("info", "resuming from checkpoint", epoch=int(ckpt["epoch"]))
+    return ckpt

@@ -1,0 +1,93 @@
+"""Teacher outputs computed once per run and, with a cache folder, once per (teacher, data).
+
+A frozen teacher on unaugmented inputs gives the same logits every epoch, so the
+loop reads them from here instead of running the teacher per step; a KD epoch
+then costs about what a student-only epoch costs. Train logits are kept as fp16
+(half the memory; logits need no more precision for a softened KL); validation
+logits stay fp32 because they feed the reported teacher accuracy and agreement.
+
+On-disk entries are keyed by sha256(teacher weights sha256, architecture, class
+count, data identity, dtype), stored as safetensors, and written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import EngineError
+from .trainer import predict
+
+CACHE_VERSION = "teacher-logits/1"
+_FP16_MAX = 65504.0
+
+
+def cache_key(
+    teacher_sha256: str, architecture: dict, num_classes: int, data_identity: str, dtype: torch.dtype
+) -> str:
+    blob = json.dumps(
+        [CACHE_VERSION, teacher_sha256, architecture, num_classes, data_identity, str(dtype)], sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def teacher_logits(
+    teacher: nn.Module,
+    x: torch.Tensor,
+    device: torch.device,
+    *,
+    who: str,
+    dtype: torch.dtype,
+    cache_dir: Path | None = None,
+    key: str | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """Logits of ``teacher`` on every row of ``x`` as ``dtype`` on ``device``; returns (logits, cache_hit)."""
+    path = (
+        Path(cache_dir) / "teacher_logits" / f"{key}.safetensors" if cache_dir is not None and key else None
+    )
+    if path is not None and path.is_file():
+        cached = _read(path)
+        if cached is not None and cached.shape == (len(x), teacher.num_classes) and cached.dtype == dtype:
+            return cached.to(device), True
+    logits = predict(teacher, x, device)
+    if not torch.isfinite(logits).all():
+        raise EngineError(
+            "non_finite_loss",
+            f"{who} produced NaN or infinite logits on the data; check the inputs for inf/NaN values",
+            param="train_file",
+        )
+    if dtype == torch.float16:
+        logits = logits.clamp(-_FP16_MAX, _FP16_MAX)
+    logits = logits.to(dtype)
+    if path is not None:
+        _write(path, logits)
+    return logits, False
+
+
+def _read(path: Path) -> torch.Tensor | None:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")["logits"]
+    except Exception:  # noqa: BLE001 - a damaged entry is recomputed and overwritten
+        return None
+
+
+def _write(path: Path, logits: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"logits": logits.detach().to("cpu").contiguous()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
