@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FILE_ID = r"^file_[0-9a-f]{22}$"
 JOB_ID = r"^job_[0-9a-f]{22}$"
-BUILTIN_DATA = ("builtin:mnist1d", "builtin:digits")
+BUILTIN_DATA = ("builtin:mnist1d", "builtin:mnist1d:test", "builtin:digits")
 
 
 class Strict(BaseModel):
