@@ -137,6 +137,9 @@ def test_local_key_is_created_once_with_mode_0600(sqlite_db, tmp_path):
     assert (again, created_again) == (key, False)
     with session_scope() as session:
         assert tenant_for_key(session, key=key) is not None
+    path.write_text("dsk_from_a_deleted_database\n")  # stale: replaced by a key that works
+    fresh, created_fresh = cli.ensure_local_key(tmp_path)
+    assert created_fresh and fresh != key and path.read_text().strip() == fresh
 
 
 def test_cli_reads_the_local_key_when_no_env_key(sqlite_db, tmp_path, monkeypatch):
@@ -507,3 +510,12 @@ def test_supervisor_kills_a_child_that_ignores_sigterm(tmp_path):
     sup.request_stop()
     assert sup.wait(poll_s=0.05) == 0  # a requested stop is a clean exit
     assert stubborn.returncode == -9
+
+
+def test_cli_and_sdk_never_import_torch_or_the_worker():
+    import subprocess
+
+    code = ("import sys, app.cli, app.client; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'worker')); "
+            "assert not bad, bad")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

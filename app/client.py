@@ -1,0 +1,335 @@
+"""Python SDK for the distillation service: a thin, typed layer over httpx (sync).
+
+    from app.client import DistillClient
+
+    with DistillClient() as client:                       # DISTILL_API_KEY from the environment
+        data = client.files.upload("train.npz", "dataset")
+        job = client.jobs.create({...})
+        job = client.jobs.wait(job["id"], on_progress=lambda j: print(j["progress"]))
+        paths = client.jobs.download(job["id"], "out/")
+
+Every non-2xx answer raises `DistillAPIError` carrying the RFC 9457 problem document. Uploads stream from
+disk and downloads stream to disk; neither holds a whole file in memory. This module imports no torch and
+nothing from the worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, Self
+from urllib.parse import quote
+
+import httpx
+
+__all__ = ["DEFAULT_URL", "TERMINAL_STATUSES", "DistillAPIError", "DistillClient", "DistillIntegrityError"]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+USER_AGENT = "distill-sdk/0.1"
+_CHUNK = 1024 * 1024
+_PAGE_MAX = 100  # the API's largest page size
+
+ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+class DistillAPIError(Exception):
+    """A non-2xx answer. `problem` is the RFC 9457 body (type, title, status, detail, errors)."""
+
+    def __init__(self, status: int, problem: dict[str, Any]):
+        self.status = status
+        self.problem = problem
+        super().__init__(str(self))
+
+    @property
+    def title(self) -> str:
+        return str(self.problem.get("title") or "Error")
+
+    @property
+    def detail(self) -> str | None:
+        return self.problem.get("detail")
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        return list(self.problem.get("errors") or [])
+
+    @property
+    def code(self) -> str | None:
+        """The last path segment of the problem `type` (e.g. "not_found"), None for about:blank."""
+        type_ = self.problem.get("type") or "about:blank"
+        return None if type_ == "about:blank" else type_.rstrip("/").rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        head = f"HTTP {self.status} {self.title}"
+        if self.detail:
+            head += f": {self.detail}"
+        lines = [head]
+        for err in self.errors:
+            loc = ".".join(str(p) for p in err.get("loc") or []) or "(request)"
+            line = f"{loc}: {err.get('msg', '')}"
+            if line != self.detail:  # the API's detail already spells out the first error
+                lines.append(f"  - {line}")
+        return "\n".join(lines)
+
+    def __reduce__(self):  # picklable despite the two-argument constructor
+        return (type(self), (self.status, self.problem))
+
+
+class DistillIntegrityError(Exception):
+    """A downloaded artifact does not match the size or sha256 the service listed for it."""
+
+
+def _problem_from(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and ("title" in body or "detail" in body):
+        problem = dict(body)
+        problem.setdefault("title", response.reason_phrase or "Error")
+        problem.setdefault("status", response.status_code)
+        if problem.get("detail") is not None and not isinstance(problem["detail"], str):
+            problem["detail"] = json.dumps(problem["detail"])
+        return problem
+    text = json.dumps(body) if isinstance(body, (dict, list)) else response.text.strip()
+    return {"type": "about:blank", "title": response.reason_phrase or "Error", "status": response.status_code,
+            "detail": text[:500] or None}  # fmt: skip
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.is_success or response.status_code == 304:
+        return
+    if not response.is_stream_consumed:
+        response.read()
+    raise DistillAPIError(response.status_code, _problem_from(response))
+
+
+class _ProgressReader:
+    """Wraps an open binary file: reports bytes read, keeps fileno/seek/tell so httpx can size the body."""
+
+    def __init__(self, f: BinaryIO, total: int, on_progress: ProgressFn):
+        self._f, self._total, self._cb = f, total, on_progress
+        self.name = f.name
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self._f.read(n)
+        self._cb(self._f.tell(), self._total)
+        return chunk
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+
+class _Resource:
+    def __init__(self, client: DistillClient):
+        self._client = client
+
+    def _paginate(self, path: str, params: dict[str, Any], limit: int | None, *,
+                  cursor: Callable[[dict], Any] = lambda item: item["id"]) -> Iterator[dict]:  # fmt: skip
+        """Yield items across cursor pages (`after` = the previous page's last id) until `limit` or the end."""
+        params = {k: v for k, v in params.items() if v is not None}
+        seen = 0
+        while True:
+            page_size = _PAGE_MAX if limit is None else max(1, min(_PAGE_MAX, limit - seen))
+            page = self._client._get(path, params={**params, "limit": page_size})
+            data = page.get("data", [])
+            for item in data:
+                yield item
+                seen += 1
+                if limit is not None and seen >= limit:
+                    return
+            if not page.get("has_more") or not data:
+                return
+            params["after"] = cursor(data[-1])
+
+
+class Files(_Resource):
+    """Teacher weights (safetensors) and datasets (npz or safetensors)."""
+
+    def upload(self, path: str | os.PathLike, purpose: str, *, filename: str | None = None,
+               on_progress: ProgressFn | None = None) -> dict:  # fmt: skip
+        """Stream a file from disk to POST /v1/files; returns the File. `purpose` is "teacher" or "dataset"."""
+        path = Path(path)
+        total = path.stat().st_size
+        with open(path, "rb") as f:
+            body: Any = _ProgressReader(f, total, on_progress) if on_progress else f
+            files = {"file": (filename or path.name, body, "application/octet-stream")}
+            return self._client._request("POST", "/v1/files", data={"purpose": purpose}, files=files).json()
+
+    def iter(self, *, purpose: str | None = None, limit: int | None = None) -> Iterator[dict]:
+        return self._paginate("/v1/files", {"purpose": purpose}, limit)
+
+    def list(self, *, purpose: str | None = None, limit: int | None = 20) -> list[dict]:
+        """The tenant's files, newest first: up to `limit` (None = all), following cursor pages."""
+        return list(self.iter(purpose=purpose, limit=limit))
+
+    def get(self, file_id: str) -> dict:
+        return self._client._get(f"/v1/files/{quote(file_id, safe='')}")
+
+    def delete(self, file_id: str) -> None:
+        self._client._request("DELETE", f"/v1/files/{quote(file_id, safe='')}")
+
+
+class Jobs(_Resource):
+    """Distillation jobs."""
+
+    def _path(self, job_id: str, *rest: str) -> str:
+        return "/".join(["/v1/jobs", quote(job_id, safe=""), *(quote(r, safe="") for r in rest)])
+
+    def create(self, spec: dict, idempotency_key: str | None = None) -> dict:
+        """POST /v1/jobs. With an Idempotency-Key, repeating the same request returns the same job."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._client._request("POST", "/v1/jobs", json=spec, headers=headers).json()
+
+    def get(self, job_id: str) -> dict:
+        return self._client._get(self._path(job_id))
+
+    def iter(self, *, status: str | None = None, limit: int | None = None) -> Iterator[dict]:
+        return self._paginate("/v1/jobs", {"status": status}, limit)
+
+    def list(self, status: str | None = None, limit: int | None = 20) -> list[dict]:
+        """The tenant's jobs, newest first: up to `limit` (None = all), following cursor pages."""
+        return list(self.iter(status=status, limit=limit))
+
+    def cancel(self, job_id: str) -> dict:
+        return self._client._request("POST", self._path(job_id, "cancel")).json()
+
+    def events(self, job_id: str, after: int | None = None, limit: int | None = None) -> list[dict]:
+        """The event log after event id `after`, oldest first (all pages unless `limit`)."""
+        params = {"after": after}
+        return list(self._paginate(self._path(job_id, "events"), params, limit))
+
+    def metrics(self, job_id: str) -> dict:
+        """Per-epoch series (`data`) and the latest `summary`."""
+        return self._client._get(self._path(job_id, "metrics"))
+
+    def artifacts(self, job_id: str) -> list[dict]:
+        return self._client._get(self._path(job_id, "artifacts")).get("data", [])
+
+    def wait(self, job_id: str, poll_s: float = 1.0, timeout_s: float | None = None,
+             on_progress: Callable[[dict], None] | None = None, *, max_transient_errors: int = 30) -> dict:  # fmt: skip
+        """Poll GET /v1/jobs/{id} until it is succeeded, failed or cancelled; return the final Job.
+
+        `on_progress(job)` is called after every poll. Connection errors and 502/503/504 answers (a restarting
+        API) are retried up to `max_transient_errors` times in a row. Raises TimeoutError after `timeout_s`.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        failures = 0
+        while True:
+            try:
+                job = self.get(job_id)
+                failures = 0
+            except (httpx.TransportError, DistillAPIError) as e:
+                transient = isinstance(e, httpx.TransportError) or e.status in (502, 503, 504)
+                failures += 1
+                if not transient or failures > max_transient_errors:
+                    raise
+                job = None
+            if job is not None:
+                if on_progress is not None:
+                    on_progress(job)
+                if job.get("status") in TERMINAL_STATUSES:
+                    return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} did not finish within {timeout_s} s")
+            sleep = poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic()))
+            time.sleep(sleep)
+
+    def download_artifact(self, job_id: str, name: str, dest: str | os.PathLike, *, sha256: str | None = None,
+                          size: int | None = None, on_progress: ProgressFn | None = None) -> Path:  # fmt: skip
+        """Stream one artifact to `dest` (atomically: a .part file renamed when complete and verified)."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        digest, done = hashlib.sha256(), 0
+        try:
+            with self._client._http.stream("GET", self._path(job_id, "artifacts", name)) as response:
+                _raise_for(response)
+                total = size if size is not None else int(response.headers.get("content-length") or 0)
+                with open(part, "wb") as out:
+                    for chunk in response.iter_bytes(_CHUNK):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        done += len(chunk)
+                        if on_progress is not None:
+                            on_progress(done, total)
+            if size is not None and done != size:
+                raise DistillIntegrityError(f"{name}: got {done} bytes, the listing says {size}")
+            if sha256 is not None and digest.hexdigest() != sha256.lower():
+                raise DistillIntegrityError(
+                    f"{name}: sha256 {digest.hexdigest()} does not match the listed {sha256}"
+                )
+            os.replace(part, dest)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        return dest
+
+    def download(self, job_id: str, out_dir: str | os.PathLike,
+                 on_progress: Callable[[str, int, int], None] | None = None) -> list[Path]:  # fmt: skip
+        """Download every artifact of a job into `out_dir`, each verified against the listed sha256."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for art in self.artifacts(job_id):
+            name = art["name"]
+            if not name or Path(name).name != name or name in (".", ".."):
+                raise DistillIntegrityError(
+                    f"refusing an artifact name that is not a plain file name: {name!r}"
+                )
+            cb = None if on_progress is None else (lambda d, t, n=name: on_progress(n, d, t))
+            paths.append(self.download_artifact(job_id, name, out / name, sha256=art.get("sha256"),
+                                                size=art.get("bytes"), on_progress=cb))  # fmt: skip
+        return paths
+
+
+class DistillClient:
+    """A client for one service URL and API key. Use as a context manager, or call close()."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 30, *,
+                 transport: httpx.BaseTransport | None = None) -> None:  # fmt: skip
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get("DISTILL_API_KEY")
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json, application/problem+json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+        )
+        self.files = Files(self)
+        self.jobs = Jobs(self)
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        response = self._http.request(method, path, **kwargs)
+        _raise_for(response)
+        return response
+
+    def _get(self, path: str, **kwargs) -> Any:
+        return self._request("GET", path, **kwargs).json()
+
+    def health(self) -> dict:
+        """GET /healthz (no key needed)."""
+        return self._get("/healthz")
+
+    def ready(self) -> dict:
+        """GET /readyz; raises DistillAPIError(503) with the failing checks when a dependency is down."""
+        return self._get("/readyz")
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
