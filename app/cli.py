@@ -883,7 +883,7 @@ def demo_specs(*, epochs_teacher: int, epochs: int, temperature: float, alpha: f
     """The two demo jobs: a cnn1d teacher trained supervised, then an mlp student distilled from it."""
     teacher = {
         "name": "demo-teacher-cnn1d",
-        "student": {"architecture": {"name": "cnn1d", "config": {"channels": 32}}},
+        "student": {"architecture": {"name": "cnn1d", "config": {"channels": 128}}},
         "train_file": "builtin:mnist1d",
         "method": {"type": "supervised"},
         "hyperparameters": {"epochs": epochs_teacher, "seed": seed},
@@ -892,7 +892,7 @@ def demo_specs(*, epochs_teacher: int, epochs: int, temperature: float, alpha: f
     student = {
         "name": "demo-kd-cnn1d-to-mlp",
         "teachers": [{"from_job": teacher_job or "job_" + "0" * 22}],
-        "student": {"architecture": {"name": "mlp", "config": {"hidden_sizes": [64]}}},
+        "student": {"architecture": {"name": "mlp", "config": {"hidden_sizes": [256, 256]}}},
         "train_file": "builtin:mnist1d",
         "method": {"type": "kd", "temperature": temperature, "alpha": alpha},
         "hyperparameters": {"epochs": epochs, "seed": seed, "baseline": True},
@@ -943,7 +943,7 @@ def _demo_tables(s: dict, kd_spec: dict) -> tuple[Table, Table]:
 
     models.add_row(
         "teacher (supervised)",
-        "cnn1d(channels=32)",
+        "cnn1d(channels=128)",
         _pct(s["teacher_accuracy"]),
         _int(s["teacher_params"]),
         _human_bytes(s["teacher_bytes"]),
@@ -951,13 +951,13 @@ def _demo_tables(s: dict, kd_spec: dict) -> tuple[Table, Table]:
     )
     models.add_row(
         "student baseline (supervised, same budget)",
-        "mlp(hidden_sizes=[64])",
+        "mlp(hidden_sizes=[256, 256])",
         _pct(s["baseline_accuracy"]),
         _int(s["student_params"]),
         _human_bytes(s["student_bytes"]),
         ms(s["student_latency_ms"]),
     )
-    models.add_row(f"[bold]student, KD (T={m['temperature']:g}, α={m['alpha']:g})[/]", "mlp(hidden_sizes=[64])",
+    models.add_row(f"[bold]student, KD (T={m['temperature']:g}, α={m['alpha']:g})[/]", "mlp(hidden_sizes=[256, 256])",
                    f"[bold]{_pct(s['kd_accuracy'])}[/]", _int(s["student_params"]),
                    _human_bytes(s["student_bytes"]), ms(s["student_latency_ms"]))  # fmt: skip
     gain = s["kd_gain_points"]
@@ -978,10 +978,10 @@ def _demo_tables(s: dict, kd_spec: dict) -> tuple[Table, Table]:
 @app.command()
 def demo(
     ctx: typer.Context,
-    epochs_teacher: Annotated[int, typer.Option(min=1, help="Teacher training epochs.")] = 15,
-    epochs: Annotated[int, typer.Option(min=1, help="Student epochs (KD and the baseline alike).")] = 20,
+    epochs_teacher: Annotated[int, typer.Option(min=1, help="Teacher training epochs.")] = 8,
+    epochs: Annotated[int, typer.Option(min=1, help="Student epochs (KD and the baseline alike).")] = 60,
     temperature: Annotated[float, typer.Option(min=0.01, help="KD temperature.")] = 4.0,
-    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the KD term.")] = 0.9,
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the KD term.")] = 0.5,
     seed: Annotated[int, typer.Option(min=0, help="Training seed.")] = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Where to download both jobs' artifacts.")] = Path(
         "var/demo"

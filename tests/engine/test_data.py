@@ -136,11 +136,11 @@ def test_builtin_mnist1d_generates_locally_and_caches(tmp_path, monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_network)
     np_state, py_state = np.random.get_state(), random.getstate()
     x, y, _ = load_dataset("builtin:mnist1d", tmp_path)
-    assert x.shape == (4000, 40) and x.dtype == np.float32 and y.shape == (4000,)
+    assert x.shape == (20000, 40) and x.dtype == np.float32 and y.shape == (20000,)
     assert set(np.unique(y)) == set(range(10))
     # The generator reseeds the global RNGs; the engine must hand them back untouched.
     assert np.array_equal(np.random.get_state()[1], np_state[1]) and random.getstate() == py_state
-    assert (tmp_path / "builtin" / "mnist1d-v1.npz").is_file()
+    assert (tmp_path / "builtin" / "mnist1d-v2-25k.npz").is_file()
 
     import mnist1d.data
 
@@ -148,7 +148,7 @@ def test_builtin_mnist1d_generates_locally_and_caches(tmp_path, monkeypatch):
     x2, y2, _ = load_dataset("builtin:mnist1d", tmp_path)
     assert np.array_equal(x, x2) and np.array_equal(y, y2)
     xt, _, _ = load_dataset("builtin:mnist1d:test", tmp_path)
-    assert xt.shape == (1000, 40)
+    assert xt.shape == (5000, 40)
 
 
 def test_unknown_builtin_lists_valid_ones():

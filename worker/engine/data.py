@@ -22,6 +22,7 @@ from .errors import EngineError
 
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("mnist1d", "mnist1d:test", "digits")
+MNIST1D_SAMPLES = 25_000  # generated; split 80/20 into train and test by the generator
 _CODE = "invalid_data"
 
 
@@ -229,13 +230,16 @@ def _load_builtin(name: str, cache_dir: Path | None) -> dict[str, np.ndarray]:
 
 
 def _mnist1d(cache_dir: Path | None) -> dict[str, np.ndarray]:
-    """MNIST-1D (Greydanus 2020) generated locally: 4000 train / 1000 test sequences of length 40.
+    """MNIST-1D (Greydanus 2020) generated locally: 20,000 train / 5,000 test sequences of length 40.
+
+    The package's default is 5,000 samples; distillation needs a transfer set large enough for the
+    teacher's soft targets to matter (the project's benchmarks use 20k).
 
     Uses ``mnist1d.data.make_dataset`` (pure generation; the package's download path
     is ``get_dataset``, which is never called). The generator reseeds numpy's and
     Python's global RNGs, so their states are restored afterwards.
     """
-    cached = Path(cache_dir) / "builtin" / "mnist1d-v1.npz" if cache_dir is not None else None
+    cached = Path(cache_dir) / "builtin" / "mnist1d-v2-25k.npz" if cache_dir is not None else None
     if cached is not None and cached.is_file():
         try:
             with np.load(cached, allow_pickle=False) as f:
@@ -246,7 +250,9 @@ def _mnist1d(cache_dir: Path | None) -> dict[str, np.ndarray]:
 
     np_state, py_state = np.random.get_state(), random.getstate()
     try:
-        raw = make_dataset(get_dataset_args())
+        args = get_dataset_args()
+        args.num_samples = MNIST1D_SAMPLES
+        raw = make_dataset(args)
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
