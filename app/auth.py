@@ -1,6 +1,7 @@
 """API keys: random secrets shown once, stored as SHA-256, each belonging to a tenant."""
 
 import hashlib
+import hmac
 import secrets
 
 from sqlalchemy.orm import Session
@@ -25,4 +26,17 @@ def create_api_key(session: Session, *, tenant_name: str) -> str:
 
 
 def tenant_for_key(session: Session, *, key: str) -> str | None:
-    return repo.get_tenant_id_by_key_hash(session, key_hash=hash_key(key))
+    """The key's tenant, or None for an unknown or revoked key.
+
+    The lookup is by SHA-256 of the presented key, so response timing depends on a hash the caller cannot
+    steer, and the final comparison is constant-time.
+    """
+    digest = hash_key(key)
+    row = repo.get_api_key_by_hash(session, key_hash=digest)
+    if row is None or not hmac.compare_digest(row.key_hash, digest):
+        return None
+    return row.tenant_id
+
+
+def revoke_api_key(session: Session, *, key_id: str) -> bool:
+    return repo.revoke_api_key(session, key_id=key_id)

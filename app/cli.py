@@ -612,6 +612,38 @@ def keys_create(
     err.print(f"[dim]key for tenant {escape(tenant.strip())!r}; store it now, it cannot be shown again[/]")
 
 
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option("--tenant", help="Only this tenant's keys.")] = None,
+) -> None:
+    """List API keys (id, tenant, prefix, created, revoked); secrets are never stored, so never shown."""
+    from rich.table import Table
+
+    from app import repositories as repo
+    from app.db import session_scope
+
+    table = Table("id", "tenant", "prefix", "created", "revoked")
+    with session_scope() as session:
+        for key, tenant_name in repo.list_api_keys(session, tenant_name=tenant):
+            table.add_row(key.id, tenant_name, key.prefix + "…", key.created_at.isoformat(timespec="seconds"),
+                          key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "")  # fmt: skip
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (from `distill keys list`).")]) -> None:
+    """Revoke an API key: requests with it answer 401 from now on."""
+    from app.auth import revoke_api_key
+    from app.db import session_scope
+
+    with session_scope() as session:
+        revoked = revoke_api_key(session, key_id=key_id)
+    if not revoked:
+        err.print(f"[red]no active key with id {escape(key_id)!r}[/]")
+        raise typer.Exit(1)
+    err.print(f"[green]✓[/] revoked {escape(key_id)}")
+
+
 # ---- files ----------------------------------------------------------------------------------------
 
 

@@ -31,8 +31,22 @@ def add_api_key(session: Session, *, key_id: str, tenant_id: str, key_hash: str,
     return key
 
 
-def get_tenant_id_by_key_hash(session: Session, *, key_hash: str) -> str | None:
-    return session.scalar(select(ApiKey.tenant_id).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
+def get_api_key_by_hash(session: Session, *, key_hash: str) -> ApiKey | None:
+    return session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
+
+
+def list_api_keys(session: Session, *, tenant_name: str | None = None) -> list[tuple[ApiKey, str]]:
+    query = select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id)
+    if tenant_name is not None:
+        query = query.where(Tenant.name == tenant_name)
+    return [(key, name) for key, name in session.execute(query.order_by(ApiKey.id))]
+
+
+def revoke_api_key(session: Session, *, key_id: str) -> bool:
+    result = session.execute(
+        update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
+    )
+    return result.rowcount == 1
 
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -91,6 +105,11 @@ def list_jobs(session: Session, *, tenant_id: str, limit: int, after: str | None
     if after:
         query = query.where(Job.id < after)
     return list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
+
+
+def count_active_jobs(session: Session, *, tenant_id: str) -> int:
+    query = select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(("queued", "running")))
+    return session.scalar(query) or 0
 
 
 def cancel_queued_job(session: Session, *, job_id: str) -> bool:

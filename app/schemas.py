@@ -17,11 +17,48 @@ class Strict(BaseModel):
 # ---- job spec ------------------------------------------------------------------------------------
 
 
+# Bounds on architecture options, so an absurd model is a 422 here rather than an out-of-memory worker.
+MAX_CONFIG_NUMBER = 16_384
+MAX_CONFIG_LIST = 64
+
+
+def _check_config(value: Any, path: str) -> None:
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int | float):
+        if not -MAX_CONFIG_NUMBER <= value <= MAX_CONFIG_NUMBER:
+            raise ValueError(f"config.{path} = {value} is outside [-{MAX_CONFIG_NUMBER}, {MAX_CONFIG_NUMBER}]")
+    elif isinstance(value, str):
+        if len(value) > 100:
+            raise ValueError(f"config.{path} is longer than 100 characters")
+    elif isinstance(value, list):
+        if len(value) > MAX_CONFIG_LIST:
+            raise ValueError(f"config.{path} has {len(value)} items; at most {MAX_CONFIG_LIST}")
+        for i, item in enumerate(value):
+            _check_config(item, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        if path.count(".") >= 3:
+            raise ValueError(f"config.{path} is nested too deeply")
+        for key, item in value.items():
+            _check_config(item, f"{path}.{key}" if path else key)
+    else:
+        raise ValueError(f"config.{path} has an unsupported type")
+
+
 class Architecture(Strict):
     name: Literal["mlp", "cnn1d", "cnn2d", "resnet_cifar", "transformer"] = Field(
         description="Registered architecture name."
     )
-    config: dict[str, Any] = Field(default_factory=dict, description="Builder options; checked by the worker.")
+    config: dict[str, Any] = Field(
+        default_factory=dict, max_length=32,
+        description=f"Builder options (numbers within ±{MAX_CONFIG_NUMBER}, lists of at most {MAX_CONFIG_LIST}); "
+        "each architecture's options are checked by the worker.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _bounded(self):
+        _check_config(self.config, "")
+        return self
 
 
 class Teacher(Strict):
@@ -196,3 +233,16 @@ class Problem(BaseModel):
     status: int
     detail: str | None = None
     errors: list[dict[str, Any]] | None = None
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the RFC 9457 errors a route can answer."""
+    descriptions = {400: "Bad request", 401: "Missing or invalid API key", 404: "Not found (or another tenant's)",
+                    408: "Upload too slow", 409: "Conflict with the job's state", 413: "Upload over the size cap",
+                    416: "Range not satisfiable", 422: "Invalid request; `errors` names each field",
+                    429: "Too many active jobs", 503: "A dependency (database) is unavailable"}  # fmt: skip
+    return {
+        status: {"description": descriptions[status], "model": Problem,
+                 "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+        for status in statuses
+    }  # fmt: skip

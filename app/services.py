@@ -100,6 +100,12 @@ def create_job(session: Session, *, tenant_id: str, body: JobCreate, idempotency
                 raise invalid(["header", "Idempotency-Key"],
                               "this Idempotency-Key was used with a different request body")  # fmt: skip
             return existing, False
+    limit = get_settings().max_active_jobs_per_tenant
+    active = repo.count_active_jobs(session, tenant_id=tenant_id)
+    if active >= limit:
+        raise ProblemError(429, f"{active} jobs are queued or running; the limit per tenant is {limit} "
+                                "(max_active_jobs_per_tenant). Retry when one finishes.",
+                           code="too_many_active_jobs", headers={"Retry-After": "30"})  # fmt: skip
     spec = _normalise_spec(session, tenant_id=tenant_id, body=body)
     job = Job(id=new_id("job"), tenant_id=tenant_id, name=body.name, status="queued", spec=spec,
               job_metadata=body.metadata, max_attempts=get_settings().max_attempts, progress={},

@@ -9,12 +9,12 @@ from app import repositories as repo
 from app.api.deps import After, CurrentTenant, Limit, SessionDep
 from app.errors import invalid, not_found
 from app.models import File
-from app.schemas import FilePublic, FilesPublic
+from app.schemas import FilePublic, FilesPublic, problem_responses
 from app.services import store_upload
 from app.settings import get_settings
 from app.uploads import receive_upload
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=problem_responses(401, 404, 422, 503))
 
 UPLOAD_BODY = {
     "requestBody": {
@@ -34,7 +34,7 @@ def file_public(f: File) -> FilePublic:
 
 
 @router.post("", status_code=201, response_model=FilePublic, openapi_extra=UPLOAD_BODY,
-             responses={413: {"description": "Upload over the size cap"}})  # fmt: skip
+             responses=problem_responses(408, 413))  # fmt: skip
 async def upload_file(request: Request, session: SessionDep, tenant_id: CurrentTenant) -> FilePublic:
     """Upload teacher weights (safetensors) or a dataset (npz or safetensors), streamed and validated."""
     settings = get_settings()

@@ -14,12 +14,12 @@ from app.models import Artifact, Job
 from app.queue import publish_job
 from app.schemas import (
     ArtifactPublic, ArtifactsPublic, EventPublic, EventsPublic, JobCreate, JobPublic, JobsPublic, MetricPublic,
-    MetricsPublic,
+    MetricsPublic, problem_responses,
 )  # fmt: skip
 from app.services import cancel_job as cancel_job_service, create_job as create_job_service
 from app.storage import get_store
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problem_responses(401, 404, 422, 503))
 log = logging.getLogger(__name__)
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -44,7 +44,9 @@ def _own_job(session, tenant_id: str, job_id: str) -> Job:
     return job
 
 
-@router.post("", status_code=201, response_model=JobPublic)
+@router.post("", status_code=201, response_model=JobPublic,
+             responses={200: {"model": JobPublic, "description": "Replay of an Idempotency-Key"},
+                        **problem_responses(429)})  # fmt: skip
 def create_job(body: JobCreate, response: Response, session: SessionDep, tenant_id: CurrentTenant,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobPublic:  # fmt: skip
     """Validate a job spec, persist it and queue it; the same Idempotency-Key and body return the same job."""
@@ -79,7 +81,7 @@ def get_job(job_id: str, session: SessionDep, tenant_id: CurrentTenant) -> JobPu
     return job_public(_own_job(session, tenant_id, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic, responses={409: {"description": "Job already finished"}})
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=problem_responses(409))
 def cancel_job(job_id: str, session: SessionDep, tenant_id: CurrentTenant) -> JobPublic:
     """Cancel a queued job at once, or ask a running one to stop (cooperatively, within a step)."""
     job = _own_job(session, tenant_id, job_id)
@@ -120,7 +122,7 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 @router.get("/{job_id}/artifacts/{name}", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Partial content"},
-                       304: {"description": "Not modified"}, 416: {"description": "Range not satisfiable"}})  # fmt: skip
+                       304: {"description": "Not modified"}, **problem_responses(416)})  # fmt: skip
 def download_artifact(job_id: str, name: str, request: Request, session: SessionDep,
                       tenant_id: CurrentTenant) -> Response:  # fmt: skip
     """Download one artifact; supports HTTP Range and ETag (its sha256)."""
