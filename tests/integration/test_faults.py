@@ -22,6 +22,8 @@ def wait_epochs(client, job_id: str, n: int, timeout: float = 120) -> None:
     while time.monotonic() < deadline:
         if len(client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]) >= n:
             return
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] in ("queued", "running"), job
         time.sleep(0.2)
     raise TimeoutError(f"{job_id} did not reach epoch {n}")
 
