@@ -184,6 +184,20 @@ def finish_job(session: Session, *, job_id: str, attempt: int, status: str, summ
     return result.rowcount == 1
 
 
+def release_job(session: Session, *, job_id: str, attempt: int) -> bool:
+    """running → queued for a graceful hand-back (the worker is shutting down), only for the attempt that owns the
+    job and only if no cancel is pending. The lease is cleared so any worker may claim it at once. The attempt is
+    not charged: `attempts` stays (it is the fencing token and never goes back), `max_attempts` grows by one.
+    `published_at` is set because the caller publishes next; if that fails the reconciler publishes it later."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempts == attempt, Job.status == "running", Job.cancel_requested.is_(False))
+        .values(status="queued", lease_until=None, worker_id=None, max_attempts=Job.max_attempts + 1,
+                published_at=utcnow())  # fmt: skip
+    )
+    return result.rowcount == 1
+
+
 def fail_exhausted_jobs(session: Session, *, job_ids: Sequence[str] | None = None) -> list[str]:
     """Jobs out of attempts whose last lease expired (or queued with none left) fail with a clear error."""
     now = utcnow()

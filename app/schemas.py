@@ -1,9 +1,10 @@
 """Request and response schemas (Pydantic v2). Requests forbid unknown fields so typos are 422s, not surprises."""
 
 from datetime import datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 FILE_ID = r"^file_[0-9a-f]{22}$"
 JOB_ID = r"^job_[0-9a-f]{22}$"
@@ -82,13 +83,35 @@ class Student(Strict):
     architecture: Architecture
 
 
-class SupervisedMethod(Strict):
+class MethodBase(Strict):
+    """What every `method` shares: which data arrays it needs (checked against the uploaded files' details)."""
+
+    needs_x_teacher: ClassVar[bool] = False  # the train data must hold the teacher's modality `x_teacher`
+
+    def needs_labels(self) -> bool:
+        """Whether the data must hold labels `y`; only teacher-alone distillation (alpha = 1) does without."""
+        alpha = getattr(self, "alpha", None)
+        return alpha is None or alpha < 1.0
+
+
+class FeaturePair(Strict):
+    """A student module path and the teacher module path it learns from (`embedding` = the head's input)."""
+
+    student: str = Field(min_length=1, max_length=200, description="Student module path, e.g. `net.3`.")
+    teacher: str = Field(min_length=1, max_length=200, description="Teacher module path, e.g. `layer2`.")
+
+
+def _embedding_pair() -> list[FeaturePair]:
+    return [FeaturePair(student="embedding", teacher="embedding")]
+
+
+class SupervisedMethod(MethodBase):
     """Cross-entropy from labels only: teachers and the from-scratch baseline."""
 
     type: Literal["supervised"]
 
 
-class KDMethod(Strict):
+class KDMethod(MethodBase):
     """Hinton et al. 2015: (1-alpha)*CE + alpha*T^2*KL(p_teacher || p_student)."""
 
     type: Literal["kd"]
@@ -96,8 +119,124 @@ class KDMethod(Strict):
     alpha: float = Field(default=0.5, ge=0, le=1)
 
 
-Method = Annotated[SupervisedMethod | KDMethod, Field(discriminator="type")]
-TEACHERLESS_METHODS = {"supervised"}
+class DKDMethod(MethodBase):
+    """Decoupled KD, Zhao et al. 2022: ce_weight*CE + ramp*T^2*(alpha*TCKD + beta*NCKD), where
+    KL = TCKD + (1 - p_t,target)*NCKD; ramp grows linearly to 1 over warmup_epochs. Needs labels."""
+
+    type: Literal["dkd"]
+    alpha: float = Field(default=1.0, ge=0, le=100, description="Weight of the target-class term TCKD.")
+    beta: float = Field(default=8.0, ge=0, le=100, description="Weight of the non-target-class term NCKD.")
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    warmup_epochs: int = Field(default=5, ge=0, le=10_000, description="Epochs of linear ramp-up (0 = none).")
+    ce_weight: float = Field(default=1.0, ge=0, le=100, description="Weight of label cross-entropy.")
+
+    def needs_labels(self) -> bool:
+        return True
+
+
+class MultiTeacherMethod(MethodBase):
+    """You et al. 2017; CA-MKD, Zhang et al. 2022: KD toward the teachers' fused distribution
+    sum_k w_k*softmax(z_k/T). fusion: mean (w = 1/K), weighted (the teachers' `weight`), confidence
+    (per sample, softmax over -CE of each teacher on the label). Needs at least 2 teachers."""
+
+    type: Literal["multi_teacher"]
+    fusion: Literal["mean", "weighted", "confidence"] = "mean"
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    alpha: float = Field(default=0.5, ge=0, le=1)
+
+    def needs_labels(self) -> bool:
+        return self.alpha < 1.0 or self.fusion == "confidence"
+
+
+class FeatureMethod(MethodBase):
+    """FitNets, Romero et al. 2015: KD + beta*sum ||r(F_s) - F_t||^2 over `pairs` of module outputs,
+    r a learned 1x1 conv / linear regressor (trained with the student, not exported)."""
+
+    type: Literal["feature"]
+    pairs: list[FeaturePair] = Field(default_factory=_embedding_pair, min_length=1, max_length=16)
+    beta: float = Field(default=1.0, ge=0, le=1e6, description="Weight of the hint term.")
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    alpha: float = Field(default=0.5, ge=0, le=1)
+
+
+class AttentionMethod(MethodBase):
+    """Attention transfer, Zagoruyko & Komodakis 2017: KD + beta/2*sum ||Q_s/|Q_s| - Q_t/|Q_t|||^2,
+    Q = sum_c A_c^2 of each paired module's output; beta = 1000 as in the paper."""
+
+    type: Literal["attention"]
+    pairs: list[FeaturePair] = Field(min_length=1, max_length=16, description="Module paths to match.")
+    beta: float = Field(default=1000.0, ge=0, le=1e6)
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    alpha: float = Field(default=0.5, ge=0, le=1)
+
+
+class RelationMethod(MethodBase):
+    """Relational KD, Park et al. 2019: KD + distance_weight*Huber(psi_D) + angle_weight*Huber(psi_A)
+    on embeddings (default: the input of each model's head); weights 25 and 50 as in the paper."""
+
+    type: Literal["relation"]
+    pairs: list[FeaturePair] = Field(default_factory=_embedding_pair, min_length=1, max_length=16)
+    distance_weight: float = Field(default=25.0, ge=0, le=1e6)
+    angle_weight: float = Field(default=50.0, ge=0, le=1e6)
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    alpha: float = Field(default=0.5, ge=0, le=1)
+
+
+class SelfDistillMethod(MethodBase):
+    """Be Your Own Teacher, Zhang et al. 2019 (+ born-again generations, Furlanello et al. 2018): no teacher;
+    auxiliary heads on `exits` learn from the final head (KL at T + feature L2). Needs labels."""
+
+    type: Literal["self_distill"]
+    exits: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        default=None, max_length=16, description="Student module paths; null = the architecture's stages."
+    )
+    temperature: float = Field(default=3.0, gt=0, le=100)
+    alpha: float = Field(default=0.5, ge=0, le=1, description="Per exit: (1-alpha)*CE + alpha*T^2*KL; "
+                                                              "also the born-again KD weight.")  # fmt: skip
+    feature_weight: float = Field(default=0.1, ge=0, le=1e6)
+    generations: int = Field(default=1, ge=1, le=10, description="Born-again generations (1 = none).")
+
+    def needs_labels(self) -> bool:
+        return True
+
+
+class QuantizationMethod(MethodBase):
+    """Polino et al. 2018; Apprentice, Mishra & Marr 2018: quantisation-aware training of the student
+    (fake-quantised weights and activations, straight-through) under a float teacher's KD."""
+
+    type: Literal["quantization"]
+    bits: Literal[4, 8] = 8
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    alpha: float = Field(default=0.5, ge=0, le=1)
+
+
+class CrossModalMethod(MethodBase):
+    """Cross-modal distillation, Gupta et al. 2016: the teacher reads `x_teacher`, the student `x`
+    (paired rows); with alpha = 1 (the default) no labels are needed."""
+
+    type: Literal["cross_modal"]
+    needs_x_teacher: ClassVar[bool] = True
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    alpha: float = Field(default=1.0, ge=0, le=1)
+
+
+class TeacherAssistantMethod(MethodBase):
+    """TAKD, Mirzadeh et al. 2020: teacher -> assistants -> student, each link plain KD."""
+
+    type: Literal["teacher_assistant"]
+    assistants: list[Architecture] = Field(min_length=1, max_length=8, description="Largest first.")
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    alpha: float = Field(default=0.5, ge=0, le=1)
+    assistant_epochs: int | None = Field(default=None, ge=1, le=10_000, description="null = `epochs`.")
+
+
+Method = Annotated[
+    SupervisedMethod | KDMethod | DKDMethod | MultiTeacherMethod | FeatureMethod | AttentionMethod
+    | RelationMethod | SelfDistillMethod | QuantizationMethod | CrossModalMethod | TeacherAssistantMethod,
+    Field(discriminator="type"),
+]  # fmt: skip
+TEACHERLESS_METHODS = {"supervised", "self_distill"}
+MULTI_TEACHER_METHODS = {"multi_teacher"}  # every other teacher method takes exactly one teacher
 
 
 class Hyperparameters(Strict):
@@ -130,7 +269,19 @@ class JobCreate(Strict):
             raise ValueError(f"method {self.method.type!r} takes no teachers")
         if self.method.type not in TEACHERLESS_METHODS and not self.teachers:
             raise ValueError(f"method {self.method.type!r} needs at least one teacher")
+        if self.method.type in MULTI_TEACHER_METHODS and len(self.teachers) < 2:
+            _field_error("teachers", f"method {self.method.type!r} needs at least 2 teachers, got "
+                                     f"{len(self.teachers)}", self.teachers)  # fmt: skip
+        if self.method.type not in MULTI_TEACHER_METHODS and len(self.teachers) > 1:
+            _field_error("teachers", f"method {self.method.type!r} takes one teacher, got {len(self.teachers)}; "
+                                     "use multi_teacher for ensembles", self.teachers)  # fmt: skip
         return self
+
+
+def _field_error(field: str, message: str, value: Any) -> None:
+    """Raise a validation error located at ``field`` (a model validator's own errors point at the body)."""
+    error = InitErrorDetails(type=PydanticCustomError("value_error", message), loc=(field,), input=value)
+    raise ValidationError.from_exception_data("JobCreate", [error])
 
 
 # ---- responses -----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from app.errors import ProblemError, invalid, not_found
 from app.file_checks import InvalidFile, validate_upload
 from app.ids import new_id
 from app.models import File, Job
-from app.schemas import BUILTIN_DATA, TEACHERLESS_METHODS, JobCreate
+from app.schemas import BUILTIN_DATA, JobCreate
 from app.settings import get_settings
 from app.storage import get_store
 from app.uploads import ReceivedUpload
@@ -46,10 +46,14 @@ def request_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _dataset(session: Session, *, tenant_id: str, ref: str, loc: list, needs_labels: bool) -> None:
+def _dataset(session: Session, *, tenant_id: str, ref: str, loc: list, needs_labels: bool,
+             needs_x_teacher: bool = False) -> None:  # fmt: skip
     if ref.startswith("builtin:"):
         if ref not in BUILTIN_DATA:
             raise invalid(loc, f"unknown built-in dataset {ref!r}; valid: {', '.join(BUILTIN_DATA)}")
+        if needs_x_teacher:
+            raise invalid(loc, f"built-in dataset {ref} has no 'x_teacher' (the teacher's modality), which "
+                               "cross-modal distillation needs; upload a dataset with x, x_teacher")  # fmt: skip
         return
     if not ref.startswith("file_"):
         raise invalid(loc, "expected a dataset file id (file_…) or a built-in dataset name")
@@ -59,18 +63,23 @@ def _dataset(session: Session, *, tenant_id: str, ref: str, loc: list, needs_lab
     if file.purpose != "dataset":
         raise invalid(loc, f"file {ref} was uploaded with purpose {file.purpose!r}, not 'dataset'")
     if needs_labels and not file.details.get("has_labels"):
-        raise invalid(loc, f"file {ref} has no 'y' labels, which this method needs (alpha < 1 or supervised)")
+        raise invalid(loc, f"file {ref} has no 'y' labels, which this method needs (only teacher-alone "
+                           "distillation, alpha = 1, learns without labels)")  # fmt: skip
+    if needs_x_teacher and not file.details.get("has_x_teacher"):
+        raise invalid(loc, f"file {ref} has no 'x_teacher' array (the teacher's modality, paired row by row "
+                           "with 'x'), which cross-modal distillation needs")  # fmt: skip
 
 
 def _normalise_spec(session: Session, *, tenant_id: str, body: JobCreate) -> dict[str, Any]:
     spec = body.model_dump(mode="json")
-    method = spec["method"]
-    needs_labels = method["type"] in TEACHERLESS_METHODS or method.get("alpha", 0.0) < 1.0
+    # Labels and the teacher's modality, per method (see the Method classes); a validation file without
+    # labels is allowed where training needs none (only teacher agreement can then be measured).
+    needs_labels, needs_x_teacher = body.method.needs_labels(), body.method.needs_x_teacher
     _dataset(session, tenant_id=tenant_id, ref=body.train_file, loc=["body", "train_file"],
-             needs_labels=needs_labels)  # fmt: skip
+             needs_labels=needs_labels, needs_x_teacher=needs_x_teacher)  # fmt: skip
     if body.validation_file is not None:
         _dataset(session, tenant_id=tenant_id, ref=body.validation_file, loc=["body", "validation_file"],
-                 needs_labels=True)  # fmt: skip
+                 needs_labels=needs_labels, needs_x_teacher=needs_x_teacher)  # fmt: skip
     for i, teacher in enumerate(spec["teachers"]):
         loc = ["body", "teachers", i]
         if teacher["weights_file"]:

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(default=15.0, gt=0)
     # A queued job not picked up for this long is published again.
     requeue_after_s: float = Field(default=60.0, gt=0)
+    # Seconds an API process remembers a key → tenant lookup (a revoked key stops working within this).
+    auth_cache_ttl_s: float = Field(default=5.0, ge=0)
     # Queued plus running jobs one tenant may have at once (429 above it).
     max_active_jobs_per_tenant: int = Field(default=20, ge=1)
     # Wall-clock seconds one attempt of a job may run before the worker fails it with `timeout`.

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from app.auth import tenant_for_key
 from app.db import get_sessionmaker
 from app.errors import ProblemError
+from app.settings import get_settings
 
 
 def get_session() -> Iterator[Session]:
@@ -26,7 +27,7 @@ def get_current_tenant(session: SessionDep, authorization: Annotated[str | None,
     unauthorized = {"WWW-Authenticate": "Bearer"}
     if not authorization or not authorization.lower().startswith("bearer "):
         raise ProblemError(401, "Missing bearer API key.", code="unauthorized", headers=unauthorized)
-    tenant_id = tenant_for_key(session, key=authorization[7:].strip())
+    tenant_id = tenant_for_key(session, key=authorization[7:].strip(), cache_ttl_s=get_settings().auth_cache_ttl_s)
     if tenant_id is None:
         raise ProblemError(401, "Invalid API key.", code="unauthorized", headers=unauthorized)
     return tenant_id

@@ -1,0 +1,176 @@
+"""API read throughput: job status reads against a bare endpoint on the same server, in one run.
+
+Starts PostgreSQL-backed uvicorn (workers from the core count) on loopback, seeds one tenant with jobs,
+then drives 32 concurrent connections from a separate load-generator process — `wrk` when installed
+(Debian package `wrk`), else an asyncio httpx client — at
+  GET /v1/jobs/{id}   (auth lookup + indexed primary-key read + serialisation)
+  GET /v1/jobs?limit=20  (auth + one indexed page)
+  GET /healthz        (the bare FastAPI endpoint: the ceiling on this machine)
+and prints requests/s, p50 and p99 latency, and the ratio of each to the bare endpoint.
+
+    python -m bench.api [--seconds 10] [--connections 32] [--workers 0] [--json]
+
+Needs PostgreSQL at 127.0.0.1:5432 (trust auth). Writes docs/bench/api.json.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "docs" / "bench" / "api.json"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def seed(url: str, jobs: int) -> tuple[str, str]:
+    from sqlalchemy.orm import Session
+
+    from app.auth import create_api_key
+    from app.db import make_engine, upgrade_head
+    from app.ids import new_id
+    from app.models import Job
+
+    upgrade_head(url)
+    engine = make_engine(url)
+    with Session(engine) as session:
+        key = create_api_key(session, tenant_name="bench")
+        session.flush()
+        from app import repositories as repo
+
+        tenant_id = repo.get_api_key_by_hash(session, key_hash=__import__("app.auth").auth.hash_key(key)).tenant_id
+        ids = []
+        for i in range(jobs):
+            job = Job(id=new_id("job"), tenant_id=tenant_id, name=f"bench-{i}", status="succeeded", progress={
+                "epoch": 30, "epochs": 30, "fraction": 1.0}, spec={"method": {"type": "kd"}, "student": {}},
+                summary={"val_accuracy": 0.9}, job_metadata={}, max_attempts=3)  # fmt: skip
+            session.add(job)
+            ids.append(job.id)
+        session.commit()
+    engine.dispose()
+    return key, ids[len(ids) // 2]
+
+
+def run_wrk(url: str, key: str, seconds: int, connections: int) -> dict:
+    out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--latency",
+                          "-H", f"Authorization: Bearer {key}", url], capture_output=True, text=True, check=True).stdout  # fmt: skip
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50_ms": ms("50%"),
+            "p99_ms": ms("99%"), "non_2xx": int(errors.group(1)) if errors else 0, "tool": "wrk"}  # fmt: skip
+
+
+async def _httpx_load(url: str, key: str, seconds: int, connections: int) -> dict:
+    latencies, errors = [], 0
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, limits=limits, timeout=10) as client:
+        deadline = time.perf_counter() + seconds
+
+        async def worker():
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                t = time.perf_counter()
+                r = await client.get(url)
+                latencies.append((time.perf_counter() - t) * 1000)
+                errors += r.status_code >= 300
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"rps": len(latencies) / elapsed, "p50_ms": latencies[len(latencies) // 2],
+            "p99_ms": latencies[int(len(latencies) * 0.99)], "non_2xx": errors, "tool": "httpx"}  # fmt: skip
+
+
+def load(url: str, key: str, seconds: int, connections: int) -> dict:
+    if shutil.which("wrk"):
+        return run_wrk(url, key, seconds, connections)
+    # A separate process, so the load generator's CPU is not the server's.
+    code = (f"import asyncio, json; from bench.api import _httpx_load; "
+            f"print(json.dumps(asyncio.run(_httpx_load({url!r}, {key!r}, {seconds}, {connections}))))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=0, help="uvicorn workers; 0 = CPU count")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    workers = args.workers or os.cpu_count() or 1
+    name = f"distill_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    tmp = Path(tempfile.mkdtemp())
+    server = None
+    try:
+        key, job_id = seed(url, 2000)
+        port = free_port()
+        env = {**os.environ, "DATABASE_URL": url, "DATA_DIR": str(tmp), "STORAGE_URL": f"file://{tmp}/store",
+               "REDIS_URL": "redis://127.0.0.1:6379/15"}  # fmt: skip
+        server = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
+                                   "--port", str(port), "--workers", str(workers), "--log-level", "warning",
+                                   "--no-access-log"], cwd=ROOT, env=env)  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                if httpx.get(f"{base}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        targets = {"bare /healthz": f"{base}/healthz", "GET /v1/jobs/{id}": f"{base}/v1/jobs/{job_id}",
+                   "GET /v1/jobs?limit=20": f"{base}/v1/jobs?limit=20"}  # fmt: skip
+        for target in targets.values():  # warm every worker's pools and caches
+            load(target, key, 2, args.connections)
+        results = {label: load(target, key, args.seconds, args.connections) for label, target in targets.items()}
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        shutil.rmtree(tmp, ignore_errors=True)
+    bare = results["bare /healthz"]["rps"]
+    print(f"{'endpoint':<24}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'vs bare':>9}{'non-2xx':>9}")
+    for label, r in results.items():
+        r["ratio_to_bare"] = r["rps"] / bare
+        print(f"{label:<24}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['ratio_to_bare']:>9.2f}"
+              f"{r['non_2xx']:>9}")  # fmt: skip
+    report = {"connections": args.connections, "seconds": args.seconds, "uvicorn_workers": workers,
+              "cpus": os.cpu_count(), "results": results}  # fmt: skip
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(report, indent=2))
+    if args.json:
+        status = results["GET /v1/jobs/{id}"]
+        print(json.dumps({"job_read_rps": status["rps"], "job_read_p99_ms": status["p99_ms"],
+                          "job_read_over_bare": status["ratio_to_bare"]}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
