@@ -55,6 +55,11 @@ class _TenantCache:
 _tenant_cache = _TenantCache()
 
 
+def cached_tenant_for_key(*, key: str, cache_ttl_s: float) -> str | None:
+    """The remembered tenant of a recently seen key, without touching the database."""
+    return _tenant_cache.get(hash_key(key)) if cache_ttl_s > 0 else None
+
+
 def tenant_for_key(session: Session, *, key: str, cache_ttl_s: float = 0.0) -> str | None:
     """The key's tenant, or None for an unknown or revoked key.
 

@@ -50,6 +50,12 @@ def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
 
 
+@lru_cache
+def get_read_sessionmaker() -> sessionmaker[Session]:
+    """Sessions for single-statement reads: autocommit, so no BEGIN/ROLLBACK round trips per request."""
+    return sessionmaker(bind=get_engine().execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
+
+
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """A unit of work: commit on success, roll back on error (services and repositories never commit)."""

@@ -6,8 +6,10 @@ from typing import Annotated
 from fastapi import Depends, Header, Query
 from sqlalchemy.orm import Session
 
-from app.auth import tenant_for_key
-from app.db import get_sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from app.auth import cached_tenant_for_key, tenant_for_key
+from app.db import get_read_sessionmaker, get_sessionmaker
 from app.errors import ProblemError
 from app.settings import get_settings
 
@@ -23,11 +25,20 @@ def get_session() -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_current_tenant(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> str:
+async def get_current_tenant(authorization: Annotated[str | None, Header()] = None) -> str:
+    """Async, so a remembered key costs no thread hop and no query; a miss looks the key up in a thread."""
     unauthorized = {"WWW-Authenticate": "Bearer"}
     if not authorization or not authorization.lower().startswith("bearer "):
         raise ProblemError(401, "Missing bearer API key.", code="unauthorized", headers=unauthorized)
-    tenant_id = tenant_for_key(session, key=authorization[7:].strip(), cache_ttl_s=get_settings().auth_cache_ttl_s)
+    key, ttl = authorization[7:].strip(), get_settings().auth_cache_ttl_s
+    tenant_id = cached_tenant_for_key(key=key, cache_ttl_s=ttl)
+    if tenant_id is None:
+
+        def lookup() -> str | None:
+            with get_read_sessionmaker()() as session:
+                return tenant_for_key(session, key=key, cache_ttl_s=ttl)
+
+        tenant_id = await run_in_threadpool(lookup)
     if tenant_id is None:
         raise ProblemError(401, "Invalid API key.", code="unauthorized", headers=unauthorized)
     return tenant_id
