@@ -100,6 +100,13 @@ def test_other_tenant_sees_nothing_of_the_job(other_client, setup):
     assert job_id not in other_client.get("/v1/jobs").text
     spec = kd_spec("builtin:digits", {"from_job": job_id})
     assert other_client.post("/v1/jobs", json=spec).status_code == 404
+    teacher_file = setup["ids"]["teacher"]
+    spec = kd_spec("builtin:digits", {"architecture": TEACHER_ARCH, "weights_file": teacher_file})
+    r = other_client.post("/v1/jobs", json=spec)
+    assert r.status_code == 404 and "tenant" not in r.text
+    for status in ("succeeded", "failed", "queued"):
+        assert job_id not in other_client.get("/v1/jobs", params={"status": status}).text
+    assert teacher_file not in other_client.get("/v1/files", params={"purpose": "teacher"}).text
 
 
 def test_from_job_teacher_and_list_filters(client, setup):
