@@ -1,7 +1,10 @@
 """Distillation jobs: create, read, cancel, events, metrics, artifacts."""
 
+import asyncio
+import json
 import logging
 import re
+import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -105,16 +108,58 @@ def cancel_job(job_id: str, session: SessionDep, tenant_id: CurrentTenant) -> Jo
     return job_public(job)
 
 
-@router.get("/{job_id}/events", response_model=EventsPublic)
-def list_events(job_id: str, session: SessionDep, tenant_id: CurrentTenant,
-                after: Annotated[int | None, Query(ge=0)] = None,
-                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> EventsPublic:  # fmt: skip
-    """The job's event log, oldest first."""
-    _own_job(session, tenant_id, job_id)
-    rows = repo.list_events(session, job_id=job_id, after=after, limit=limit)
-    data = [EventPublic(id=e.id, created_at=e.created_at, level=e.level, type=e.type, message=e.message,
-                        data=e.data or {}) for e in rows[:limit]]  # fmt: skip
-    return EventsPublic(data=data, has_more=len(rows) > limit)
+def event_public(e) -> EventPublic:
+    return EventPublic(id=e.id, created_at=e.created_at, level=e.level, type=e.type, message=e.message,
+                       data=e.data or {})  # fmt: skip
+
+
+SSE_POLL_S = 0.5
+SSE_KEEPALIVE_S = 15.0
+
+
+@router.get("/{job_id}/events", response_model=EventsPublic,
+            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                             "description": "The page of events, or (Accept: text/event-stream) a live stream"}})  # fmt: skip
+async def list_events(job_id: str, request: Request, tenant_id: CurrentTenant,
+                      after: Annotated[int | None, Query(ge=0)] = None,
+                      limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                      last_event_id: Annotated[str | None, Header()] = None) -> Response:  # fmt: skip
+    """The job's event log, oldest first; with `Accept: text/event-stream`, Server-Sent Events until the job
+    ends, resumable with `Last-Event-ID`."""
+
+    def read_page(cursor: int | None, page: int):
+        with get_read_sessionmaker()() as session:
+            job = _own_job(session, tenant_id, job_id)
+            return job.status, repo.list_events(session, job_id=job_id, after=cursor, limit=page)
+
+    _status, rows = await run_in_threadpool(read_page, after, limit)
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        return EventsPublic(data=[event_public(e) for e in rows[:limit]], has_more=len(rows) > limit)
+
+    cursor = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
+
+    async def stream():
+        nonlocal cursor
+        quiet_since = time.monotonic()
+        yield "retry: 2000\n\n"
+        while not await request.is_disconnected():
+            status, rows = await run_in_threadpool(read_page, cursor, 500)
+            for e in rows:
+                cursor = e.id
+                yield f"id: {e.id}\nevent: {e.type}\ndata: {event_public(e).model_dump_json()}\n\n"
+            if rows:
+                quiet_since = time.monotonic()
+                continue
+            if status in repo.TERMINAL:
+                yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+                return
+            if time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                quiet_since = time.monotonic()
+            await asyncio.sleep(SSE_POLL_S)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPublic)
