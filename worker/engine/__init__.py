@@ -8,6 +8,9 @@ from .callbacks import Callback, CancelCallback, CheckpointCallback, ProgressCal
 from .data import load_dataset, validate_data_file
 from .errors import EngineError
 from .methods import METHODS, DistillationLoss, StepBatch
+
+# Registering modules: each adds its methods to METHODS on import.
+from . import methods_features, quantization, self_distill  # noqa: F401  isort: skip
 from .run import RunInputs, RunResult, TeacherInput, run_distillation
 from .trainer import TrainConfig
 from .weights import read_model_metadata

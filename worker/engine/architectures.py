@@ -31,16 +31,25 @@ _CODE = "invalid_architecture"
 
 
 class Classifier(nn.Module):
-    """Base class: embedding network + linear head."""
+    """Base class: embedding network + linear head.
+
+    Every architecture names its final ``nn.Linear`` ``head``; its input is the
+    penultimate embedding (the ``embedding`` tap of ``features.py``). ``stage_paths``
+    lists the module paths whose outputs end the intermediate stages (shallow to
+    deep, the last stage excluded), where self-distillation attaches its exits.
+    """
 
     Config: ClassVar[type]
     # dtype the model's input must have; token models take int64 ids.
     input_dtype: torch.dtype = torch.float32
+    # True where 3-D activations are [B, L, C] (so feature taps transpose them to [B, C, L]).
+    sequence_channels_last: ClassVar[bool] = False
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int):
         super().__init__()
         self.input_shape = tuple(int(d) for d in input_shape)
         self.num_classes = int(num_classes)
+        self.stage_paths: list[str] = []
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -136,10 +145,12 @@ class MLP(Classifier):
         layers: list[nn.Module] = []
         for hidden in config.hidden_sizes:
             layers += [nn.Linear(width, hidden), nn.ReLU()]
+            self.stage_paths.append(f"net.{len(layers) - 1}")
             if config.dropout > 0:
                 layers.append(nn.Dropout(config.dropout))
             width = hidden
         self.net = nn.Sequential(*layers)
+        self.stage_paths = self.stage_paths[:-1]
         self.head = nn.Linear(width, num_classes)
 
     def forward_features(self, x):
@@ -202,6 +213,7 @@ class CNN1d(Classifier):
                 nn.BatchNorm1d(config.channels),
                 nn.ReLU(),
             ]
+            self.stage_paths.append(f"net.{len(layers) - 1}")
             in_channels = config.channels
             length = (length + 2 * (config.kernel_size // 2) - config.kernel_size) // stride + 1
             require(
@@ -211,6 +223,7 @@ class CNN1d(Classifier):
                 "num_layers",
             )
         self.net = nn.Sequential(*layers)
+        self.stage_paths = self.stage_paths[:-1]
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.head = nn.Linear(config.channels * length, num_classes)
         self._unsqueeze = len(input_shape) == 1
@@ -271,8 +284,10 @@ class CNN2d(Classifier):
             if h >= 2 and w >= 2:
                 layers.append(nn.MaxPool2d(2))
                 h, w = h // 2, w // 2
+            self.stage_paths.append(f"net.{len(layers) - 1}")
             in_channels = c
         self.net = nn.Sequential(*layers)
+        self.stage_paths = self.stage_paths[:-1]
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.head = nn.Linear(in_channels, num_classes)
         self._unsqueeze = len(input_shape) == 2
@@ -348,6 +363,7 @@ class ResNetCifar(Classifier):
                 planes = w
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
+        self.stage_paths = ["layer1", "layer2"]
         self.head = nn.Linear(planes, num_classes)
         self._unsqueeze = len(input_shape) == 2
 
@@ -434,6 +450,7 @@ class Transformer(Classifier):
     """
 
     Config = TransformerConfig
+    sequence_channels_last = True
 
     def __init__(self, config: TransformerConfig, input_shape: tuple[int, ...], num_classes: int):
         super().__init__(input_shape, num_classes)
@@ -462,6 +479,7 @@ class Transformer(Classifier):
         )
         self.ln_f = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, num_classes)
+        self.stage_paths = [f"blocks.{i}" for i in range(config.n_layers - 1)]
 
     def forward_features(self, x):
         if self._layout == "scalar":

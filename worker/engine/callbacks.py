@@ -20,7 +20,8 @@ class TrainState:
     """What the loop exposes to callbacks. Epoch counts are *completed* epochs."""
 
     job_id: str = ""  # the job being run
-    phase: str = "load"  # load | teacher_cache | train | baseline | export | done
+    phase: str = "load"  # load | teacher_cache | train | baseline | export | done, or a chain's
+    # intermediate stage while it trains (e.g. assistant_1, generation_1; the last stage is "train")
     epoch: int = 0  # epochs completed in the current phase
     epochs: int = 0  # epochs planned for the current phase
     step_in_epoch: int = 0  # optimizer steps done in the running epoch

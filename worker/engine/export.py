@@ -122,7 +122,14 @@ def _size(n) -> str:
 
 
 def write_model_card(
-    path: Path, *, spec: dict, summary: dict, history: list[dict], teachers: list[dict], data: dict
+    path: Path,
+    *,
+    spec: dict,
+    summary: dict,
+    history: list[dict],
+    teachers: list[dict],
+    data: dict,
+    extra_files: list[str] = (),
 ) -> None:
     """A human-readable account of what was distilled, how, and how well."""
     s = summary
@@ -199,6 +206,34 @@ def write_model_card(
             )
         )
 
+    if s.get("stages"):
+        lines += [
+            "",
+            "## Stages",
+            "",
+            "The method trained a chain of models; each learned from the one before it.",
+            "",
+            "| stage | architecture | epochs | val accuracy | parameters |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for st in s["stages"]:
+            lines.append(
+                f"| {st['name']} | {_arch_label(st['architecture'])} | {st['epochs']} "
+                f"| {_pct(st['val_accuracy'])} | {_num(st['params'])} |"
+            )
+    if s.get("method_metrics"):
+        lines += ["", f"## Method metrics (`{method.get('type')}`)", ""]
+        for key, value in s["method_metrics"].items():
+            if isinstance(value, dict):
+                inner = ", ".join(f"{k}: {_pct(v) if isinstance(v, float) else v}" for k, v in value.items())
+                lines.append(f"- {key}: {inner}")
+            elif isinstance(value, float) and key.endswith("accuracy"):
+                lines.append(f"- {key}: {_pct(value)}")
+            elif isinstance(value, int) and key.endswith("bytes"):
+                lines.append(f"- {key}: {_size(value)}")
+            else:
+                lines.append(f"- {key}: {value}")
+
     lines += [
         "",
         "## Training curve",
@@ -230,6 +265,10 @@ def write_model_card(
             " output `logits` `[batch, classes]`; dynamic batch."
         ),
         "- `metrics.json`: the summary above, per-epoch history and phase timings.",
+        *[
+            f"- `{name}`: written by method `{method.get('type')}` (see its metrics above)."
+            for name in extra_files
+        ],
         "",
         "## Intended use and limitations",
         "",

@@ -1,16 +1,19 @@
 """``run_distillation``: one job from spec to artifacts.
 
-Phases, each timed: load (spec, data, models) → teacher_cache (teacher logits
-once, teacher evaluation) → train (``trainer.fit``) → baseline (optional, the same
-student supervised) → evaluate (sizes, latency) → export (safetensors, ONNX,
-metrics.json, model card). The worker supplies paths and callbacks; nothing here
-knows about databases or queues.
+Phases, each timed: load (spec, data, models) → teacher_cache (teacher evaluation,
+teacher outputs once) → train (``trainer.fit``, once per stage of the method:
+one for most methods, a chain for teacher assistants and born-again generations)
+→ baseline (optional, the same student supervised) → evaluate (sizes, latency) →
+export (safetensors, ONNX, the method's extra artifacts, metrics.json, model
+card). The worker supplies paths and callbacks; nothing here knows about
+databases or queues, and nothing here knows a method by name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +29,16 @@ from .data import array_identity, describe_source, load_dataset, split_validatio
 from .errors import EngineError
 from .evaluate import cpu_latency_ms, fused_predictions
 from .export import export_onnx, write_metrics, write_model_card
-from .methods import SupervisedConfig, SupervisedLoss, parse_method
-from .teacher_cache import cache_key, teacher_logits
+from .features import feature_bytes, feature_shapes
+from .methods import Probe, SupervisedConfig, SupervisedLoss, parse_method
+from .teacher_cache import cache_key, teacher_logits, teacher_outputs
 from .trainer import Split, TrainConfig, accuracy, agreement, fit, load_checkpoint, predict
-from .weights import freeze, load_weights_strict, read_model_metadata, save_model
+from .weights import freeze, load_weights_strict, read_model_metadata, read_num_classes, save_model
 
 # Keep whole data sets on the accelerator below this size; above it, batches are copied per step.
 _DEVICE_DATA_LIMIT = 2 * 1024**3
+# Cache the teachers' tapped intermediate outputs (fp16) for the whole run below this size.
+_FEATURE_CACHE_LIMIT = 512 * 1024**2
 _LATENCY_ROWS = 32
 
 
@@ -96,6 +102,8 @@ def _empty_summary(job_id: str, method: str | None, device: str) -> dict:
         "teacher_cache": None,
         "onnx_opset": None,
         "onnx_max_abs_diff": None,
+        "method_metrics": {},
+        "stages": None,
     }
 
 
@@ -127,7 +135,7 @@ def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
         log("info", "job cancelled", epochs_completed=summary["epochs_completed"], phase=state.phase)
         return RunResult("cancelled", {}, summary)
 
-    # ---- load: spec, data, models -------------------------------------------------------------
+    # ---- load: spec, data, teachers ------------------------------------------------------------
     with phase("load"):
         config = parse_config(
             TrainConfig, spec.get("hyperparameters"), code="invalid_spec", prefix="hyperparameters"
@@ -150,12 +158,7 @@ def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
                 extras_v["x_teacher"] = extras["x_teacher"][val_idx]
                 extras = {**extras, "x_teacher": extras["x_teacher"][train_idx]}
             validation_label = f"{config.validation_fraction:g} of train, seed {config.seed}"
-        labels = [a for a in (y, yv) if a is not None and len(a)]
-        if not labels:
-            raise EngineError(
-                "invalid_data", "the data has no labels 'y', so the class count is unknown", "train_file"
-            )
-        num_classes = max(int(a.max()) for a in labels) + 1
+        num_classes = _num_classes(y, yv, inputs.teachers)
 
         loss_fn = parse_method(spec.get("method"), num_classes=num_classes, num_teachers=len(inputs.teachers))
         if loss_fn.requires_labels and (y is None or yv is None):
@@ -191,27 +194,18 @@ def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
             teacher = build_model(arch, xt.shape[1:], num_classes, param_prefix=f"teachers[{i}].architecture")
             load_weights_strict(teacher, t.weights_path, who=f"teacher {i}", param=f"teachers[{i}]")
             teachers.append(freeze(teacher).to(device))
-        teacher_weights = [float(t.weight) for t in teacher_inputs]
-
-        # Seeded right before the student so its init is the same on every attempt and for the baseline.
-        torch.manual_seed(config.seed)
-        student = build_model(student_arch, x.shape[1:], num_classes, param_prefix="student.architecture")
-        student_arch = student.architecture
-        student = loss_fn.wrap_student(student).to(device)
-        loss_fn.to(device)
-        _check_input_kind(student, x, "student", "train_file")
-        for i, teacher in enumerate(teachers):
             _check_input_kind(teacher, xt, f"teacher {i}", "train_file")
+        teacher_weights = [float(t.weight) for t in teacher_inputs]
+        stages = loss_fn.stages()
 
         keep_on = device if _nbytes(x, y, xt, xv, yv, xvt) < _DEVICE_DATA_LIMIT else torch.device("cpu")
-        train = Split(_tensor(x, student, keep_on), _tensor(y, None, keep_on))
-        val = Split(_tensor(xv, student, keep_on), _tensor(yv, None, keep_on))
-        train.teacher_x = [_tensor(xt, t, keep_on) for t in teachers]
-        val.teacher_x = [_tensor(xvt, t, keep_on) for t in teachers]
+        x_all, y_all = _tensor(x, None, keep_on), _tensor(y, None, keep_on)
+        xv_all, yv_all = _tensor(xv, None, keep_on), _tensor(yv, None, keep_on)
+        teacher_x = [_tensor(xt, t, keep_on) for t in teachers]
+        teacher_xv = [_tensor(xvt, t, keep_on) for t in teachers]
         summary.update(
             num_classes=num_classes,
             input_shape=[int(d) for d in x.shape[1:]],
-            input_dtype=str(train.x.dtype).replace("torch.", ""),
             n_train=len(x),
             n_val=len(xv),
         )
@@ -225,36 +219,15 @@ def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
             train=describe_source(inputs.train_data),
             validation=validation_label,
         )
+        resume = _load_resume(inputs, log)
 
-        resume = _load_resume(inputs, student, log)
-
-    # ---- teacher cache: teacher logits once per run (and per data set with a cache folder) ----
+    # ---- teacher cache: the job's teachers evaluated once (their train outputs: per stage, below)
     with phase("teacher_cache"):
-        val_logits, hits = [], []
+        val_logits = []
         for i, (teacher, t) in enumerate(zip(teachers, teacher_inputs)):
-            started = time.perf_counter()
-            if loss_fn.cacheable:
-                logits, hit = teacher_logits(
-                    teacher,
-                    train.teacher_x[i],
-                    device,
-                    who=f"teacher {i}",
-                    dtype=torch.float16,
-                    cache_dir=inputs.cache_dir,
-                    key=_cache_key(t, teacher, num_classes, xt, torch.float16),
-                )
-                train.teacher_logits.append(logits)
-                hits.append(hit)
-                log(
-                    "info",
-                    "teacher cache hit" if hit else "teacher cache built",
-                    teacher=i,
-                    rows=len(logits),
-                    seconds=round(time.perf_counter() - started, 3),
-                )
             vlogits, _ = teacher_logits(
                 teacher,
-                val.teacher_x[i],
+                teacher_xv[i],
                 device,
                 who=f"teacher {i}",
                 dtype=torch.float32,
@@ -262,7 +235,7 @@ def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
                 key=_cache_key(t, teacher, num_classes, xvt, torch.float32),
             )
             val_logits.append(vlogits)
-            acc = accuracy(vlogits, val.y)
+            acc = accuracy(vlogits, yv_all)
             summary["teacher_accuracy"].append(acc)
             summary["teacher_params"].append(count_parameters(teacher))
             summary["teacher_bytes"].append(Path(t.weights_path).stat().st_size)
@@ -274,58 +247,134 @@ def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
                 val_accuracy=acc,
                 params=summary["teacher_params"][-1],
             )
-        if teachers:
-            summary["teacher_cache"] = ("hit" if all(hits) else "built") if loss_fn.cacheable else "fresh"
         reference = fused_predictions(val_logits, teacher_weights)
         if len(val_logits) > 1:
-            summary["teacher_ensemble_accuracy"] = (
-                (reference == val.y.to(reference.device)).float().mean().item() if val.y is not None else None
-            )
+            summary["teacher_ensemble_accuracy"] = accuracy_of(reference, yv_all)
 
-    # ---- train ---------------------------------------------------------------------------------
-    with phase("train"):
-        state.progress_start, state.progress_span = 0.0, 0.5 if _wants_baseline(config, loss_fn) else 1.0
-        fit(
-            student=student,
-            loss_fn=loss_fn,
-            teachers=teachers,
-            teacher_weights=teacher_weights,
-            train=train,
-            val=val,
-            val_reference=reference,
-            config=config,
-            state=state,
-            callbacks=cbs,
-            device=device,
-            checkpoint_path=out_dir / "checkpoint.pt",
-            resume=resume,
-        )
+    # ---- train: one model per stage (one stage for most methods; a chain for TAKD / born-again)
+    baseline_epochs = config.epochs if _wants_baseline(config, loss_fn) else 0
+    total_epochs = sum(s.epochs or config.epochs for s in stages) + baseline_epochs
+    resume_stage = int(resume.get("stage", 0)) if resume is not None else 0
+    done_epochs, completed, previous = 0, [], None
+    for i, stage in enumerate(stages):
+        final = i == len(stages) - 1
+        stage_config = dataclasses.replace(config, epochs=stage.epochs) if stage.epochs else config
+        loss = stage.loss
+
+        with phase("load"):
+            # Seeded right before each model so its init is the same on every attempt and for the baseline.
+            torch.manual_seed(config.seed)
+            model = build_model(
+                stage.architecture or student_arch, x.shape[1:], num_classes, param_prefix=stage.param
+            )
+            architecture = model.architecture
+            _check_input_kind(model, x, "student" if final else stage.name, "train_file")
+            model = loss.wrap_student(model).to(device)
+            # This stage's teachers: the job's, the previous stage's model, or none.
+            if stage.teachers == "spec":
+                s_teachers, s_tx, s_vtx, s_weights = teachers, teacher_x, teacher_xv, teacher_weights
+            elif stage.teachers == "previous":
+                s_teachers, s_weights = [previous], [1.0]
+                s_tx, s_vtx = [_as_input(x_all, previous)], [_as_input(xv_all, previous)]
+            else:
+                s_teachers, s_tx, s_vtx, s_weights = [], [], [], []
+            train = Split(_as_input(x_all, model), y_all, teacher_x=s_tx)
+            val = Split(_as_input(xv_all, model), yv_all, teacher_x=s_vtx)
+            if final:
+                summary["input_dtype"] = str(train.x.dtype).replace("torch.", "")
+            loss.setup(model, s_teachers, Probe(train.x[:2].to(device), [tx[:2].to(device) for tx in s_tx]))
+            loss.to(device)
+            stage_resume, resume = _stage_resume(resume, resume_stage, i, model, log)
+            if stage_resume is not None and i < resume_stage:  # finished by an earlier attempt
+                model.load_state_dict(stage_resume["model"])
+                completed.append(stage_resume)
+                previous = freeze(model)
+                done_epochs += stage_config.epochs
+                log("info", "stage restored from checkpoint", stage=stage.name)
+                continue
+            if stage_resume is not None:
+                log("info", "resuming from checkpoint", epoch=int(stage_resume["epoch"]), stage=stage.name)
+
+        with phase("teacher_cache"):
+            cache_status = _cache_teacher_outputs(
+                train, s_teachers, loss, device, log,
+                cache_dir=inputs.cache_dir,
+                keys=[_cache_key(t, tm, num_classes, xt, torch.float16) for t, tm in zip(teacher_inputs, teachers)]
+                if stage.teachers == "spec" else [None] * len(s_teachers),
+            )  # fmt: skip
+            if stage.teachers == "spec" and teachers:
+                summary["teacher_cache"] = cache_status
+            if stage.teachers == "previous" and not teachers:
+                stage_reference = predict(previous, s_vtx[0], device).argmax(-1)
+            else:
+                stage_reference = reference
+
+        with phase("train"):
+            state.phase = "train" if final else _phase_name(stage.name)
+            state.progress_start = done_epochs / total_epochs
+            state.progress_span = stage_config.epochs / total_epochs
+            fit(
+                student=model,
+                loss_fn=loss,
+                teachers=s_teachers,
+                teacher_weights=s_weights,
+                train=train,
+                val=val,
+                val_reference=stage_reference,
+                config=stage_config,
+                state=state,
+                callbacks=cbs,
+                device=device,
+                checkpoint_path=out_dir / "checkpoint.pt",
+                resume=stage_resume,
+                checkpoint_extra={"stage": i, "stages": completed},
+            )
+        done_epochs += stage_config.epochs
+        if state.cancelled:
+            summary["epochs_completed"] = state.epoch
+            return cancelled()
+        result = {
+            "name": stage.name,
+            "architecture": architecture,
+            "val_accuracy": state.history[-1]["val_accuracy"] if state.history else None,
+            "params": count_parameters(loss.export_model(model)),
+            "epochs": stage_config.epochs,
+            "history": state.history,
+        }
+        if not final:
+            completed.append({"model": model.state_dict(), "result": result})
+            previous = freeze(model)
+            log("info", "stage finished", stage=stage.name, val_accuracy=result["val_accuracy"])
+    student, final_loss, student_arch = model, loss, architecture
+    stage_results = [c["result"] for c in completed] + [result]
     history = state.history
     summary["epochs_completed"] = state.epoch
     if history:
         summary["val_accuracy"] = history[-1]["val_accuracy"]
         summary["agreement"] = history[-1]["teacher_agreement"]
-    if state.cancelled:
-        return cancelled()
+        summary["method_metrics"] = dict(history[-1].get("method_metrics") or {})
+    if len(stage_results) > 1:
+        summary["stages"] = [{k: v for k, v in r.items() if k != "history"} for r in stage_results]
     log("info", "training finished", epochs=state.epoch, val_accuracy=summary["val_accuracy"])
 
     # ---- baseline: the same student, supervised, same budget and seed -------------------------
     baseline_history: list[dict] = []
-    if _wants_baseline(config, loss_fn):
+    if baseline_epochs:
         with phase("baseline"):
             torch.manual_seed(config.seed)
             base = build_model(
                 student_arch, x.shape[1:], num_classes, param_prefix="student.architecture"
             ).to(device)
             base_loss = SupervisedLoss(SupervisedConfig(), num_classes=num_classes, num_teachers=0).to(device)
-            state.progress_start, state.progress_span = 0.5, 0.5
+            state.progress_start = done_epochs / total_epochs
+            state.progress_span = baseline_epochs / total_epochs
             fit(
                 student=base,
                 loss_fn=base_loss,
                 teachers=[],
                 teacher_weights=[],
-                train=Split(train.x, train.y),
-                val=val,
+                train=Split(_as_input(x_all, base), y_all),
+                val=Split(_as_input(xv_all, base), yv_all),
                 val_reference=reference,
                 config=config,
                 state=state,
@@ -343,39 +392,37 @@ def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
     # ---- evaluate: final agreement per teacher, sizes, CPU latency ----------------------------
     with phase("evaluate"):
         student.eval()
+        exported = final_loss.export_model(student).eval()
         final_logits = predict(student, val.x, device)
         summary["agreement_per_teacher"] = [agreement(final_logits, v.argmax(-1)) for v in val_logits]
-        summary["student_params"] = count_parameters(student)
-        summary["student_latency_ms"] = cpu_latency_ms(student, val.x[:_LATENCY_ROWS])
+        summary["student_params"] = count_parameters(exported)
+        summary["student_latency_ms"] = cpu_latency_ms(exported, val.x[:_LATENCY_ROWS])
         summary["teacher_latency_ms"] = [
-            cpu_latency_ms(t, tx[:_LATENCY_ROWS]) for t, tx in zip(teachers, val.teacher_x)
+            cpu_latency_ms(t, tx[:_LATENCY_ROWS]) for t, tx in zip(teachers, teacher_xv)
         ]
         if teachers:
             summary["compression_ratio"] = sum(summary["teacher_params"]) / summary["student_params"]
             summary["speedup"] = sum(summary["teacher_latency_ms"]) / summary["student_latency_ms"]
 
-    # ---- export: weights, ONNX, metrics, model card --------------------------------------------
+    # ---- export: weights, ONNX, the method's own artifacts, metrics, model card ------------------
     with phase("export"):
         artifacts: dict[str, Path] = {}
         model_path = out_dir / "model.safetensors"
-        save_model(
-            student,
-            model_path,
-            {
-                "architecture": student_arch,
-                "input_shape": summary["input_shape"],
-                "input_dtype": summary["input_dtype"],
-                "num_classes": num_classes,
-                "job_id": inputs.job_id,
-                "method": spec.get("method"),
-                "val_accuracy": summary["val_accuracy"],
-            },
-        )
+        metadata = {
+            "architecture": student_arch,
+            "input_shape": summary["input_shape"],
+            "input_dtype": summary["input_dtype"],
+            "num_classes": num_classes,
+            "job_id": inputs.job_id,
+            "method": spec.get("method"),
+            "val_accuracy": summary["val_accuracy"],
+        }
+        save_model(exported, model_path, metadata)
         artifacts["model.safetensors"] = model_path
         summary["student_bytes"] = model_path.stat().st_size
         onnx_path = out_dir / "model.onnx"
         try:
-            onnx_info = export_onnx(_cpu_copy(student, device), val.x[:8].to("cpu"), onnx_path)
+            onnx_info = export_onnx(_cpu_copy(exported, device), val.x[:8].to("cpu"), onnx_path)
         except Exception as err:  # noqa: BLE001 - an export bug must not throw away a finished training run
             log(
                 "error",
@@ -387,12 +434,24 @@ def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
                 artifacts[f.name] = f
             summary["onnx_opset"] = onnx_info["opset"]
             summary["onnx_max_abs_diff"] = onnx_info["max_abs_diff"]
+        extra_files, extra_metrics = final_loss.write_artifacts(
+            student, out_dir, metadata, val.x, val.y, device
+        )
+        artifacts.update(extra_files)
+        if extra_metrics:
+            summary["method_metrics"] = {**(summary.get("method_metrics") or {}), **extra_metrics}
     state.phase = "done"
 
     metrics_path, card_path = out_dir / "metrics.json", out_dir / "model_card.md"
     write_metrics(
         metrics_path,
-        {"summary": summary, "history": history, "baseline_history": baseline_history, "phases": phases},
+        {
+            "summary": summary,
+            "history": history,
+            "baseline_history": baseline_history,
+            "stage_history": {r["name"]: r["history"] for r in stage_results[:-1]},
+            "phases": phases,
+        },
     )
     artifacts["metrics.json"] = metrics_path
     teacher_rows = [
@@ -417,6 +476,7 @@ def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
             "n_train": len(x),
             "n_val": len(xv),
         },
+        extra_files=sorted(extra_files),
     )
     artifacts["model_card.md"] = card_path
     log("info", "artifacts written", artifacts=sorted(artifacts))
@@ -428,7 +488,102 @@ def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
 
 def _wants_baseline(config: TrainConfig, loss_fn) -> bool:
     # A supervised run is its own baseline.
-    return config.baseline and loss_fn.uses_teachers
+    return config.baseline and not loss_fn.is_baseline
+
+
+def _num_classes(y: np.ndarray | None, yv: np.ndarray | None, teachers: list[TeacherInput]) -> int:
+    """max label + 1; without labels anywhere (cross-modal from the teacher alone), the teacher's class count."""
+    labels = [a for a in (y, yv) if a is not None and len(a)]
+    if labels:
+        return max(int(a.max()) for a in labels) + 1
+    counts = [read_num_classes(t.weights_path) for t in teachers]
+    if counts and counts[0] is not None:
+        return counts[0]
+    raise EngineError(
+        "invalid_data", "the data has no labels 'y', so the class count is unknown", "train_file"
+    )
+
+
+def accuracy_of(predictions: torch.Tensor | None, y: torch.Tensor | None) -> float | None:
+    if predictions is None or y is None or len(y) == 0:
+        return None
+    return (predictions == y.to(predictions.device)).float().mean().item()
+
+
+def _phase_name(stage_name: str) -> str:
+    """``assistant 1`` → ``assistant_1``: the ``phase`` of an intermediate stage's epoch rows."""
+    return stage_name.replace(" ", "_")
+
+
+def _fits(model: nn.Module, state_dict: dict) -> bool:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return expected == {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def _stage_resume(resume: dict | None, resume_stage: int, i: int, model: nn.Module, log):
+    """(what stage ``i`` resumes from, the checkpoint still in use).
+
+    Stages before the checkpoint's own were finished by an earlier attempt: their
+    saved ``{"model", "result"}``. The checkpoint's stage: the checkpoint itself. A
+    saved model that does not fit drops the checkpoint from this stage on.
+    """
+    if resume is None or i > resume_stage:
+        return None, resume
+    saved = resume if i == resume_stage else resume["stages"][i]
+    if _fits(model, saved["student" if i == resume_stage else "model"]):
+        return saved, resume
+    log("warning", "checkpoint does not match the student architecture; starting from epoch 0")
+    return None, None
+
+
+def _cache_teacher_outputs(
+    split: Split, teachers: list[nn.Module], loss, device: torch.device, log, *, cache_dir, keys
+) -> str | None:
+    """Fill ``split.teacher_logits`` (and ``teacher_features``) once, if the method allows it.
+
+    Returns "hit" / "built" / "fresh" (the loop runs the teachers per step), or None
+    without teachers. Tapped features are cached only within ``_FEATURE_CACHE_LIMIT``.
+    """
+    if not teachers:
+        return None
+    if not loss.cacheable:
+        return "fresh"
+    taps = loss.teacher_taps
+    if taps:
+        need = sum(
+            feature_bytes(feature_shapes(t, tx[:2].to(device), taps), len(tx))
+            for t, tx in zip(teachers, split.teacher_x)
+        )
+        if need > _FEATURE_CACHE_LIMIT:
+            log(
+                "info",
+                "teacher features exceed the cache budget; the teachers run every step",
+                bytes=need,
+                limit=_FEATURE_CACHE_LIMIT,
+            )
+            return "fresh"
+    hits = []
+    for i, (teacher, tx) in enumerate(zip(teachers, split.teacher_x)):
+        started = time.perf_counter()
+        if taps:
+            logits, feats = teacher_outputs(teacher, tx, taps, device, who=f"teacher {i}")
+            split.teacher_features.append(feats)
+            hit = False
+        else:
+            logits, hit = teacher_logits(
+                teacher, tx, device, who=f"teacher {i}", dtype=torch.float16, cache_dir=cache_dir, key=keys[i]
+            )
+        split.teacher_logits.append(logits)
+        hits.append(hit)
+        log(
+            "info",
+            "teacher cache hit" if hit else "teacher cache built",
+            teacher=i,
+            rows=len(logits),
+            features=sorted(taps),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+    return "hit" if all(hits) else "built"
 
 
 def _fill_baseline(summary: dict, baseline: float | None) -> None:
@@ -502,6 +657,11 @@ def _check_input_kind(model: nn.Module, x: np.ndarray, who: str, param: str) -> 
             )
 
 
+def _as_input(t: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Rows in the dtype ``model`` reads (a no-op when it already is)."""
+    return t.to(getattr(model, "input_dtype", torch.float32))
+
+
 def _tensor(a: np.ndarray | None, model: nn.Module | None, device: torch.device) -> torch.Tensor | None:
     if a is None:
         return None
@@ -530,8 +690,8 @@ def _cpu_copy(model: nn.Module, device: torch.device) -> nn.Module:
     return model if device.type == "cpu" else copy.deepcopy(model).to("cpu")
 
 
-def _load_resume(inputs: RunInputs, student: nn.Module, log) -> dict | None:
-    """The earlier attempt's checkpoint, if it belongs to this job and this student."""
+def _load_resume(inputs: RunInputs, log) -> dict | None:
+    """The earlier attempt's checkpoint, if it belongs to this job (each stage checks that it fits)."""
     if inputs.resume_from is None:
         return None
     path = Path(inputs.resume_from)
@@ -550,10 +710,4 @@ def _load_resume(inputs: RunInputs, student: nn.Module, log) -> dict | None:
             checkpoint_job=ckpt.get("job_id"),
         )
         return None
-    expected = {k: tuple(v.shape) for k, v in student.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in ckpt["student"].items()}
-    if expected != got:
-        log("warning", "checkpoint does not match the student architecture; starting from epoch 0")
-        return None
-    log("info", "resuming from checkpoint", epoch=int(ckpt["epoch"]))
     return ckpt

@@ -8,6 +8,10 @@ logits stay fp32 because they feed the reported teacher accuracy and agreement.
 
 On-disk entries are keyed by sha256(teacher weights sha256, architecture, class
 count, data identity, dtype), stored as safetensors, and written atomically.
+
+Methods that also need the teachers' intermediate outputs (``teacher_taps``) get
+them from ``teacher_outputs``: logits and tapped features together, fp16, in
+memory only, when they fit the runner's budget (``features.feature_bytes``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import EngineError
+from .features import predict_with_features
 from .trainer import predict
 
 CACHE_VERSION = "teacher-logits/1"
@@ -68,6 +73,24 @@ def teacher_logits(
     if path is not None:
         _write(path, logits)
     return logits, False
+
+
+def teacher_outputs(
+    teacher: nn.Module, x: torch.Tensor, taps: list[str], device: torch.device, *, who: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and the tapped intermediate outputs of ``teacher`` on every row, both fp16 on ``device``."""
+    logits, feats = predict_with_features(teacher, x, taps, device, dtype=torch.float32)
+    if not torch.isfinite(logits).all() or not all(torch.isfinite(f).all() for f in feats.values()):
+        raise EngineError(
+            "non_finite_loss",
+            f"{who} produced NaN or infinite outputs on the data; check the inputs for inf/NaN values",
+            param="train_file",
+        )
+
+    def half(t: torch.Tensor) -> torch.Tensor:
+        return t.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+
+    return half(logits), {name: half(f) for name, f in feats.items()}
 
 
 def _read(path: Path) -> torch.Tensor | None:

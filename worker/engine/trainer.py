@@ -1,9 +1,11 @@
 """The training loop. One loop for every method; it knows none of them by name.
 
-Per step: take a batch by index, get teacher logits (cached or fresh), run the
-student, ask the method's loss module for ``(total, terms)``, step. Per epoch: one
-host sync for the loss sums, a non-finite check, validation, the epoch row,
-callbacks, and the checkpoint if a callback asked for one.
+Per step: take a batch by index, get teacher outputs (cached or fresh), run the
+student, ask the method's loss module for ``(total, terms)``, step. Intermediate
+outputs a method asked for (``loss_fn.student_taps`` / ``teacher_taps``) are
+captured by forward hooks and travel in the ``StepBatch``. Per epoch: one host sync
+for the loss sums, a non-finite check, validation, the epoch row, callbacks, and
+the checkpoint if a callback asked for one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from .callbacks import CallbackList, TrainState
 from .config import require
 from .errors import EngineError
+from .features import FeatureTap
 from .methods import DistillationLoss, StepBatch
 
 CHECKPOINT_FORMAT = "distill-checkpoint/1"
@@ -98,6 +101,9 @@ class Split:
     teacher_logits: list[torch.Tensor] = field(
         default_factory=list
     )  # per teacher, precomputed (empty = run fresh)
+    teacher_features: list[dict[str, torch.Tensor]] = field(
+        default_factory=list
+    )  # per teacher, precomputed tapped outputs (fp16), present whenever teacher_logits is
 
     def __len__(self) -> int:
         return len(self.x)
@@ -187,11 +193,13 @@ def fit(
     device: torch.device,
     checkpoint_path: Path | None = None,
     resume: dict | None = None,
+    checkpoint_extra: dict | None = None,
 ) -> None:
     """Train ``student`` in place. Sets ``state.cancelled`` if a callback stopped it.
 
     ``val_reference`` holds the (fused) teacher's validation predictions for the
     agreement metric. ``resume`` is a checkpoint dict from ``load_checkpoint``.
+    ``checkpoint_extra`` is merged into every checkpoint (the runner's stage bookkeeping).
     """
     # ---- setup: optimizer, schedule, state -------------------------------------------------
     params = [p for p in itertools.chain(student.parameters(), loss_fn.parameters()) if p.requires_grad]
@@ -222,104 +230,132 @@ def fit(
         state.cancelled = True
         return
 
-    # ---- epochs ----------------------------------------------------------------------------
-    while state.epoch < config.epochs:
-        epoch = state.epoch
-        started = time.perf_counter()
-        student.train()
-        loss_fn.train()
-        loss_sum = torch.zeros((), device=device)
-        term_sums: dict[str, torch.Tensor] = {}
+    # ---- hooks: intermediate outputs the method asked for (none for output-only methods) ---
+    with FeatureTap(student, loss_fn.student_taps) as student_tap, contextlib.ExitStack() as hooks:
+        teacher_taps = [hooks.enter_context(FeatureTap(t, loss_fn.teacher_taps)) for t in teachers]
 
-        for step, idx in enumerate(epoch_batches(n, config.batch_size, config.seed, epoch, train.x.device)):
-            # -- batch: index contiguous tensors; no DataLoader workers to start or pickle through
-            xb = train.x[idx].to(device, non_blocking=True)
-            yb = train.y[idx].to(device, non_blocking=True) if train.y is not None else None
+        # ---- epochs ------------------------------------------------------------------------
+        while state.epoch < config.epochs:
+            epoch = state.epoch
+            started = time.perf_counter()
+            student.train()
+            loss_fn.train()
+            loss_sum = torch.zeros((), device=device)
+            term_sums: dict[str, torch.Tensor] = {}
 
-            # -- teacher targets: the per-run cache, or a fresh frozen forward
-            if use_cache:
-                teacher_logits = [c[idx].to(device).float() for c in train.teacher_logits]
-            else:
-                with torch.inference_mode():
-                    fresh = [
-                        t(tx[idx].to(device, non_blocking=True)).float()
-                        for t, tx in zip(teachers, train.teacher_x)
+            for step, idx in enumerate(
+                epoch_batches(n, config.batch_size, config.seed, epoch, train.x.device)
+            ):
+                # -- batch: index contiguous tensors; no DataLoader workers to start or pickle through
+                xb = train.x[idx].to(device, non_blocking=True)
+                yb = train.y[idx].to(device, non_blocking=True) if train.y is not None else None
+
+                # -- teacher targets: the per-run cache, or a fresh frozen forward
+                if use_cache:
+                    teacher_logits = [c[idx].to(device).float() for c in train.teacher_logits]
+                    teacher_features = [
+                        {k: v[idx].to(device).float() for k, v in f.items()} for f in train.teacher_features
                     ]
-                # Out of inference mode, so the loss may use them in autograd-recorded ops.
-                teacher_logits = [f.clone() for f in fresh]
+                else:
+                    with torch.inference_mode():
+                        fresh = [
+                            t(tx[idx].to(device, non_blocking=True)).float()
+                            for t, tx in zip(teachers, train.teacher_x)
+                        ]
+                        fresh_features = [tap.take() for tap in teacher_taps]
+                    # Out of inference mode, so the loss may use them in autograd-recorded ops.
+                    teacher_logits = [f.clone() for f in fresh]
+                    teacher_features = [{k: v.clone() for k, v in f.items()} for f in fresh_features]
 
-            # -- forward: student, then the method's loss
-            with autocast_for(device):
-                logits = student(xb)
-            loss, terms = loss_fn(StepBatch(logits.float(), yb, teacher_logits, teacher_weights, xb, epoch))
+                # -- forward: student (hooks capture its tapped outputs), then the method's loss
+                with autocast_for(device):
+                    logits = student(xb)
+                batch = StepBatch(
+                    logits.float(),
+                    yb,
+                    teacher_logits,
+                    teacher_weights,
+                    xb,
+                    epoch,
+                    student_features=student_tap.take(),
+                    teacher_features=teacher_features,
+                )
+                loss, terms = loss_fn(batch)
 
-            # -- backward and update
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+                # -- backward and update
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
 
-            # -- bookkeeping on device: an .item() here would sync the host every step
-            rows = len(idx)
-            loss_sum += loss.detach() * rows
-            for name, value in terms.items():
-                term_sums[name] = term_sums.get(name, torch.zeros((), device=device)) + value.detach() * rows
-            state.step_in_epoch = step + 1
-            state.global_step += 1
-            if step % 100 == 99 and not torch.isfinite(loss_sum):
-                raise _non_finite(epoch, step)  # a cheap, rare check so a diverged long epoch ends early
-            callbacks.on_step_end(state)
+                # -- bookkeeping on device: an .item() here would sync the host every step
+                rows = len(idx)
+                loss_sum += loss.detach() * rows
+                for name, value in terms.items():
+                    term_sums[name] = (
+                        term_sums.get(name, torch.zeros((), device=device)) + value.detach() * rows
+                    )
+                state.step_in_epoch = step + 1
+                state.global_step += 1
+                if step % 100 == 99 and not torch.isfinite(loss_sum):
+                    raise _non_finite(epoch, step)  # a cheap, rare check so a diverged long epoch ends early
+                callbacks.on_step_end(state)
+                if state.should_stop:
+                    state.cancelled = True
+                    return
+
+            # ---- epoch end: one host sync, validation, the metrics row -----------------------
+            names = list(term_sums)
+            sums = torch.stack([loss_sum, *term_sums.values()]).div(n).tolist()
+            if not all(math.isfinite(v) for v in sums):
+                raise _non_finite(epoch, None)
+            val_logits = predict(student, val.x, device)
+            row = {
+                "phase": state.phase,  # "train" or "baseline": both number their epochs from 1
+                "epoch": epoch + 1,
+                "train_loss": sums[0],
+                "losses": dict(zip(names, sums[1:])),
+                "val_accuracy": accuracy(val_logits, val.y),
+                "teacher_agreement": agreement(val_logits, val_reference),
+                "learning_rate": scheduler.get_last_lr()[0],
+                "seconds": time.perf_counter() - started,
+            }
+            method_metrics = loss_fn.validation_metrics(student, val.x, val.y, device)
+            if method_metrics:  # e.g. every self-distillation exit's accuracy
+                row["method_metrics"] = method_metrics
+            student_tap.clear()  # drop what the hooks saw during validation
+            state.history.append(row)
+            state.epoch = epoch + 1
+            state.step_in_epoch = 0
+            callbacks.on_epoch_end(state)
+
+            # ---- checkpoint, only when a callback asked for it ------------------------------
+            if state.should_checkpoint and checkpoint_path is not None:
+                save_checkpoint(
+                    checkpoint_path,
+                    {
+                        "format": CHECKPOINT_FORMAT,
+                        "job_id": state.job_id,
+                        "epoch": state.epoch,
+                        "student": student.state_dict(),
+                        "loss": loss_fn.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": {
+                            "torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                        },
+                        "history": state.history,
+                        **(checkpoint_extra or {}),
+                    },
+                )
+                callbacks.on_checkpoint(state, checkpoint_path)
+            state.should_checkpoint = False
             if state.should_stop:
                 state.cancelled = True
                 return
-
-        # ---- epoch end: one host sync, validation, the metrics row -------------------------
-        names = list(term_sums)
-        sums = torch.stack([loss_sum, *term_sums.values()]).div(n).tolist()
-        if not all(math.isfinite(v) for v in sums):
-            raise _non_finite(epoch, None)
-        val_logits = predict(student, val.x, device)
-        row = {
-            "phase": state.phase,  # "train" or "baseline": both number their epochs from 1
-            "epoch": epoch + 1,
-            "train_loss": sums[0],
-            "losses": dict(zip(names, sums[1:])),
-            "val_accuracy": accuracy(val_logits, val.y),
-            "teacher_agreement": agreement(val_logits, val_reference),
-            "learning_rate": scheduler.get_last_lr()[0],
-            "seconds": time.perf_counter() - started,
-        }
-        state.history.append(row)
-        state.epoch = epoch + 1
-        state.step_in_epoch = 0
-        callbacks.on_epoch_end(state)
-
-        # ---- checkpoint, only when a callback asked for it --------------------------------
-        if state.should_checkpoint and checkpoint_path is not None:
-            save_checkpoint(
-                checkpoint_path,
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "job_id": state.job_id,
-                    "epoch": state.epoch,
-                    "student": student.state_dict(),
-                    "loss": loss_fn.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": {
-                        "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                    },
-                    "history": state.history,
-                },
-            )
-            callbacks.on_checkpoint(state, checkpoint_path)
-        state.should_checkpoint = False
-        if state.should_stop:
-            state.cancelled = True
-            return
 
     callbacks.on_train_end(state)
 

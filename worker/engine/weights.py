@@ -121,3 +121,22 @@ def read_model_metadata(path: Path) -> dict:
                 f"{path.name}: metadata has no {required!r}; only models written by this service carry their architecture",
             )
     return out
+
+
+def read_num_classes(path: Path) -> int | None:
+    """A teacher's class count without building it: the metadata of a model this service
+    wrote, else the first dimension of its ``head.weight`` (every architecture's final
+    linear layer is named ``head``). None when neither is there."""
+    from safetensors import safe_open
+
+    try:
+        return int(read_model_metadata(path)["num_classes"])
+    except (EngineError, TypeError, ValueError, KeyError):
+        pass
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if "head.weight" in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                return int(f.get_slice("head.weight").get_shape()[0])
+    except Exception:  # noqa: BLE001 - unreadable here means "unknown"; loading reports the real error
+        return None
+    return None
