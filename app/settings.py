@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     # Celery queue the API publishes to and workers consume ("cpu" or "gpu").
     queue: str = "cpu"
     # Uvicorn worker processes for `distill api` (0 = from the CPU count).
-    api_workers: int = Field(default=1, ge=0)
+    api_workers: int = Field(default=0, ge=0)
 
     @field_validator("data_dir")
     @classmethod
