@@ -1,11 +1,11 @@
 """The FastAPI application."""
 
-import logging
-
 from fastapi import FastAPI
 
 from app.api.routes import files, health, jobs
 from app.errors import install_error_handlers
+from app.observability import configure_logging, install_metrics
+from app.settings import get_settings
 
 
 def create_app() -> FastAPI:
@@ -15,11 +15,12 @@ def create_app() -> FastAPI:
         description="Knowledge distillation as a service: upload teachers and data, post a job, download a student.",
     )
     install_error_handlers(app)
+    install_metrics(app)
     app.include_router(health.router)
     app.include_router(files.router)
     app.include_router(jobs.router)
     return app
 
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+configure_logging(get_settings().json_logs)
 app = create_app()

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(default=24 * 3600.0, gt=0)
     # Celery queue the API publishes to and workers consume ("cpu" or "gpu").
     queue: str = "cpu"
+    # Log one JSON object per line (job_id and tenant_id included where known).
+    json_logs: bool = False
     # Uvicorn worker processes for `distill api` (0 = from the CPU count).
     api_workers: int = Field(default=0, ge=0)
 

@@ -210,3 +210,12 @@ def test_readyz_checks_database_broker_store(service):
 
     r = httpx.get(f"{service.base_url}/readyz")
     assert r.status_code == 200 and r.json()["checks"] == {"database": "ok", "broker": "ok", "store": "ok"}
+
+
+def test_prometheus_metrics_report_jobs_and_http_latency(client, service, dataset_id):
+    import httpx
+
+    client.get("/v1/jobs")
+    text = httpx.get(f"{service.base_url}/metrics").text
+    assert 'distill_jobs{status="queued"}' in text and "distill_queue_depth" in text
+    assert 'distill_http_request_duration_seconds_count{method="GET",route="/v1/jobs",status="200"}' in text
