@@ -1,15 +1,18 @@
 """Database engine, sessions and the one way the schema is made (Alembic)."""
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import get_settings
 
+IDLE_PING_AFTER_S = 1.0
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -28,16 +31,27 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    # A short connect timeout makes a database outage a quick 503 instead of a hung request. No pre-ping
-    # (it costs a round trip per request): a connection found dead fails that one request with a 503, and
-    # SQLAlchemy then invalidates the whole pool, so the next request reconnects.
-    return create_engine(
-        url,
-        pool_size=10,
-        max_overflow=20,
-        pool_timeout=5,
-        connect_args={"connect_timeout": 3},
-    )
+    # A short connect timeout makes a database outage a quick 503 instead of a hung request.
+    engine = create_engine(url, pool_size=10, max_overflow=20, pool_timeout=5, connect_args={"connect_timeout": 3})
+
+    # Ping a pooled connection only if it sat idle: a busy API pays nothing per request (a pre-ping on every
+    # checkout costs a round trip each), and the first request after a database restart still gets a live one.
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn, record):
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn, record, _proxy):
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < IDLE_PING_AFTER_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+            dbapi_conn.rollback()  # leave no transaction open: read sessions switch the connection to autocommit
+        except Exception as e:
+            raise DisconnectionError(f"pooled connection is dead: {e}") from e
+
+    return engine
 
 
 @lru_cache

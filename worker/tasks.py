@@ -33,6 +33,9 @@ from worker.engine import (
 
 log = logging.getLogger(__name__)
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+# Set when this worker begins a warm shutdown (SIGTERM, Ctrl-C; see worker/celery_app.py). The running job stops
+# at its next step, like a cancel, and is handed back to the queue instead of finishing.
+SHUTTING_DOWN = threading.Event()
 CONTENT_TYPES = {".safetensors": "application/octet-stream", ".onnx": "application/octet-stream",
                  ".json": "application/json", ".md": "text/markdown; charset=utf-8"}  # fmt: skip
 
@@ -88,7 +91,7 @@ class Ownership:
 
     def should_stop(self) -> bool:
         self.renew()
-        return self.lost or self.cancel_requested
+        return self.lost or self.cancel_requested or SHUTTING_DOWN.is_set()
 
     def __enter__(self):
         self._thread.start()
@@ -136,6 +139,8 @@ class ServiceCallback(Callback):
 
     def __init__(self, claim: Claim, ownership: Ownership):
         self.claim, self.ownership = claim, ownership
+        self.saves = 0
+        self.checkpoint_key = claim.checkpoint_key  # the recorded one; replaced (and deleted) by each new save
 
     def on_epoch_end(self, state) -> None:
         row = json_safe(state.history[-1])
@@ -152,17 +157,33 @@ class ServiceCallback(Callback):
         _retrying(write, what="metrics write")
 
     def on_checkpoint(self, state, path: Path) -> None:
-        key = f"jobs/{self.claim.job_id}/checkpoint.pt"
-        _retrying(lambda: get_store().put_file(key, path), what="checkpoint upload")
+        # A new key per save: the record in the database always names the object it describes (a worker killed
+        # between upload and record leaves the previous pair intact), and a worker that lost the job can never
+        # overwrite the checkpoint its successor resumes from.
+        self.saves += 1
+        key = f"jobs/{self.claim.job_id}/checkpoints/attempt-{self.claim.attempt}-{self.saves}.pt"
+        store = get_store()
+        _retrying(lambda: store.put_file(key, path), what="checkpoint upload")
 
-        def record():
+        def record() -> bool:
             with session_scope() as session:
-                repo.set_checkpoint(session, job_id=self.claim.job_id, attempt=self.claim.attempt, key=key,
-                                    epoch=state.epoch)  # fmt: skip
+                return repo.set_checkpoint(session, job_id=self.claim.job_id, attempt=self.claim.attempt, key=key,
+                                           epoch=state.epoch)  # fmt: skip
 
-        _retrying(record, what="checkpoint record")
+        if _retrying(record, what="checkpoint record"):
+            stale, self.checkpoint_key = self.checkpoint_key, key  # the one recorded before is unreferenced now
+        else:
+            stale = key  # this attempt no longer owns the job: its upload is garbage
+        if stale:
+            try:
+                store.delete(stale)
+            except Exception:
+                log.warning("could not delete stale checkpoint %s", stale, exc_info=True)
 
     def on_log(self, state, level: str, message: str, data: dict) -> None:
+        if message == "job cancelled" and SHUTTING_DOWN.is_set() and not self.ownership.cancel_requested:
+            message = "training stopped: the worker is shutting down"
+
         def write():
             with session_scope() as session:
                 repo.add_event(session, job_id=self.claim.job_id, level=level, message=message,
@@ -264,8 +285,17 @@ def _publish_artifacts(claim: Claim, result) -> bool:
 
     won = _retrying(finish, what="finish")
     if not won:
-        store.delete_prefix(prefix)
-    return won
+        store.delete_prefix(prefix + "/")  # the slash: on S3, attempt-1 must not match attempt-12
+        return False
+    # Earlier attempts may have uploaded (part of) a set and died before their fenced finish; they can never
+    # finish now, so their uploads are garbage. So is every checkpoint. Best effort: the database is the truth.
+    stale = [f"jobs/{claim.job_id}/attempt-{n}/" for n in range(1, claim.attempt)]
+    for old in [*stale, f"jobs/{claim.job_id}/checkpoints/"]:
+        try:
+            store.delete_prefix(old)
+        except Exception:
+            log.warning("could not delete %s", old, exc_info=True)
+    return True
 
 
 def _final_progress(claim: Claim) -> dict:
@@ -282,6 +312,30 @@ def _finish(claim: Claim, status: str, *, message: str, level: str = "info", err
                 repo.add_event(session, job_id=claim.job_id, level=level, message=message, data=error or {})
 
     _retrying(write, what=f"finish as {status}")
+
+
+def _hand_back(claim: Claim) -> bool:
+    """Warm shutdown: give the job back now (not when the lease lapses) and re-publish it, so the next worker
+    resumes from the last checkpoint. The attempt is not charged against max_attempts. False when the job is
+    not this attempt's to give back (lost, or a cancel arrived meanwhile)."""
+
+    def release() -> bool:
+        with session_scope() as session:
+            if not repo.release_job(session, job_id=claim.job_id, attempt=claim.attempt):
+                return False
+            repo.add_event(session, job_id=claim.job_id,
+                           message=f"Attempt {claim.attempt} handed back: its worker is shutting down; the next "
+                                   "worker resumes from the last checkpoint.",
+                           data={"attempt": claim.attempt, "worker": WORKER_ID})  # fmt: skip
+            return True
+
+    if not _retrying(release, what="hand-back"):
+        return False
+    try:
+        publish_job(claim.job_id)
+    except Exception:
+        log.warning("could not re-publish %s after the hand-back; the reconciler will", claim.job_id, exc_info=True)
+    return True
 
 
 def _requeue(claim: Claim, reason: str) -> None:
@@ -322,6 +376,8 @@ def run_job(job_id: str) -> str:
                 log.warning("job %s attempt %d lost its lease; discarding its result", job_id, claim.attempt)
                 return "lost"
         if result.status == "cancelled":
+            if SHUTTING_DOWN.is_set() and _hand_back(claim):
+                return "handed back"
             _finish(claim, "cancelled", message="Job cancelled.")
             return "cancelled"
         return "succeeded" if _publish_artifacts(claim, result) else "lost"

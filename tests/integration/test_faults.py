@@ -1,4 +1,5 @@
-"""Faults with real processes: a worker killed mid-job resumes from its checkpoint; cancellation is prompt."""
+"""Faults with real processes: a worker killed (SIGKILL) or stopped (SIGTERM) mid-job resumes from its
+checkpoint on the next worker; cancellation is prompt. More faults: the other test_faults_*.py files."""
 
 import signal
 import time
@@ -6,6 +7,9 @@ import time
 import pytest
 
 from tests.helpers import wait_job
+from tests.integration import faults_support as support
+
+stacks = support.stacks  # the fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -67,3 +71,37 @@ def test_cancel_queued_and_running(client, service):
     quick = {"student": {"architecture": {"name": "mlp", "config": {"hidden_sizes": [8]}}},
              "train_file": "builtin:digits", "method": {"type": "supervised"}, "hyperparameters": {"epochs": 1}}  # fmt: skip
     assert wait_job(client, client.post("/v1/jobs", json=quick).json()["id"], timeout=60)["status"] == "succeeded"
+
+
+def test_sigterm_mid_job_hands_the_job_back_and_the_next_worker_resumes(stacks):
+    """Warm shutdown: the worker stops the job at its next step, hands it back (queued, lease cleared,
+    re-published, attempt not charged) and exits; the next worker resumes from the last checkpoint."""
+    stack = stacks(workers=1)
+    first = stack.workers[0]
+    with stack.client() as client:
+        job_id = client.post("/v1/jobs", json=slow_spec(5, "sigterm")).json()["id"]
+        wait_epochs(client, job_id, 2)
+        support.wait_until(lambda: (stack.job_row(job_id)["checkpoint_epoch"] or 0) >= 2, 60, "checkpoint 2")
+        t0 = time.monotonic()
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(30) == 0, stack.worker_log(first)[-3000:]
+        stopped_s = time.monotonic() - t0
+        assert stopped_s < 15, stopped_s  # within a step or two, not at the end of the job
+        row = stack.job_row(job_id)
+        assert row["status"] == "queued" and row["lease_until"] is None and row["worker_id"] is None, row
+        assert row["attempts"] == 1 and row["max_attempts"] == 4  # a shutdown is not a failed attempt
+        checkpoint_epoch = row["checkpoint_epoch"]
+        assert checkpoint_epoch >= 2
+        assert stack.queue_length() == 1  # re-published at once: no worker (or reconciler) is running now
+        log = support.messages(client, job_id)
+        assert any(m.startswith("Attempt 1 handed back") for m in log), log
+        assert "Job cancelled." not in log and client.get(f"/v1/jobs/{job_id}").json()["error"] is None
+
+        stack.start_worker()
+        job = wait_job(client, job_id, timeout=240)
+        assert job["status"] == "succeeded", job["error"]
+        assert job["attempts"] == 2 and job["error"] is None
+        log = support.messages(client, job_id)
+        assert f"resuming after epoch {checkpoint_epoch}." in next(m for m in log if m.startswith("Attempt 2")), log
+        assert support.metric_epochs(client, job_id) == [1, 2, 3, 4, 5]
+        assert stack.artifact_folders(job_id) == ["attempt-2"]
