@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,8 +67,11 @@ class Ownership:
     def __init__(self, job_id: str, attempt: int):
         self.job_id, self.attempt = job_id, attempt
         self.lease_seconds = get_settings().lease_seconds
+        self.timeout_s = get_settings().job_timeout_s
+        self.deadline = time.monotonic() + self.timeout_s
         self.lost = False
         self.cancel_requested = False
+        self.timed_out = False
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
@@ -91,7 +95,8 @@ class Ownership:
 
     def should_stop(self) -> bool:
         self.renew()
-        return self.lost or self.cancel_requested or SHUTTING_DOWN.is_set()
+        self.timed_out = self.timed_out or time.monotonic() > self.deadline
+        return self.lost or self.cancel_requested or self.timed_out or SHUTTING_DOWN.is_set()
 
     def __enter__(self):
         self._thread.start()
@@ -375,6 +380,12 @@ def run_job(job_id: str) -> str:
             if ownership.lost:
                 log.warning("job %s attempt %d lost its lease; discarding its result", job_id, claim.attempt)
                 return "lost"
+        if result.status == "cancelled" and ownership.timed_out and not ownership.cancel_requested:
+            message = (f"The attempt ran longer than the {ownership.timeout_s:g}-second limit per job "
+                       "(job_timeout_s) and was stopped.")  # fmt: skip
+            _finish(claim, "failed", level="error", message=f"Job failed: {message}",
+                    error={"code": "timeout", "message": message, "param": None})  # fmt: skip
+            return "failed"
         if result.status == "cancelled":
             if SHUTTING_DOWN.is_set() and _hand_back(claim):
                 return "handed back"

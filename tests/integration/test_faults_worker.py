@@ -134,3 +134,17 @@ def test_kill_between_artifact_upload_and_finish_leaves_one_set_of_artifacts(sta
         artifacts = client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
         assert sorted(a["name"] for a in artifacts) == sorted({a["name"] for a in artifacts})
         assert stack.artifact_folders(job_id) == ["attempt-2"]
+
+
+def test_job_over_the_wall_clock_limit_fails_with_timeout(stacks):
+    """JOB_TIMEOUT_S bounds one attempt: a long job is stopped by the worker and fails with `timeout`."""
+    stack = stacks(workers=1, JOB_TIMEOUT_S=6)
+    with stack.client() as client:
+        job_id = client.post("/v1/jobs", json=slow_spec(200, "too-long")).json()["id"]
+        job = wait_status(client, job_id, timeout=120)
+        assert job["status"] == "failed" and job["error"]["code"] == "timeout"
+        assert "job_timeout_s" in job["error"]["message"]
+        assert client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"] == []
+        # The worker is free for the next job.
+        assert wait_status(client, client.post("/v1/jobs", json=quick_spec()).json()["id"], timeout=90)[
+            "status"] == "succeeded"  # fmt: skip
