@@ -147,3 +147,18 @@ def test_schemathesis_finds_no_5xx_and_responses_match_the_schema(service, postg
         check(auth=False)
     assert failures == [], "\n".join(failures[:20])
     assert len(statuses) > 200 and {200, 401, 404, 422} <= set(statuses)  # it really exercised the API
+
+
+def test_slow_drip_upload_times_out_with_408_and_leaves_nothing(client, service):
+    boundary = "dripdrip"
+
+    def drip():
+        yield f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\ndataset\r\n'.encode()
+        yield f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.npz"\r\n\r\n'.encode()
+        for _ in range(20):  # 10 s of a body that never finishes, against UPLOAD_TIMEOUT_S=6
+            time.sleep(0.5)
+            yield b"\0" * 100
+
+    r = client.post("/v1/files", content=drip(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 408 and r.json()["type"].endswith("upload_timeout")
+    assert list((service.data_dir / "tmp").glob("upload-*")) == []
