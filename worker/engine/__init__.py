@@ -12,6 +12,7 @@ from .methods import METHODS, DistillationLoss, StepBatch
 # Registering modules: each adds its methods to METHODS on import.
 from . import methods_features, quantization, self_distill  # noqa: F401  isort: skip
 from .run import RunInputs, RunResult, TeacherInput, run_distillation
+from .runtime import available_cores, configure_threads
 from .trainer import TrainConfig
 from .weights import read_model_metadata
 
@@ -30,7 +31,9 @@ __all__ = [
     "TeacherInput",
     "TrainConfig",
     "TrainState",
+    "available_cores",
     "build_model",
+    "configure_threads",
     "count_parameters",
     "load_dataset",
     "read_model_metadata",

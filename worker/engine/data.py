@@ -4,7 +4,13 @@ A data set is ``x`` (float, or uint8 images scaled to [0, 1], or integer token
 ids), optional ``y`` (int64 class ids) and optional ``x_teacher`` (the teacher's
 modality, paired row by row). Files are ``.npz`` read with ``allow_pickle=False``
 or ``.safetensors``; anything else is rejected before its bytes are interpreted.
-This module is numpy-only so the same checks can run wherever numpy does.
+
+Data larger than memory: a safetensors file bigger than ``memory_limit`` (default
+``DATA_MEMORY_LIMIT``, 1 GiB) is never loaded whole. Its ``x`` / ``x_teacher``
+come back as ``mapped.MappedRows`` (read through a memory map, a batch of rows at a
+time, converted on the fly); labels ``y`` (8 bytes a row) are read into memory.
+``.npz`` files are zip archives and always load whole: large data should be
+safetensors.
 """
 
 from __future__ import annotations
@@ -19,18 +25,21 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EngineError
+from .mapped import MappedRows, open_safetensors
 
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("mnist1d", "mnist1d:test", "digits")
 MNIST1D_SAMPLES = 25_000  # generated; split 80/20 into train and test by the generator
+# safetensors files up to this size are loaded into memory (fastest); larger ones are memory-mapped.
+DATA_MEMORY_LIMIT = 1024**3
 _CODE = "invalid_data"
 
 
 # --------------------------------------------------------------------------- reading files
 
 
-def _read_arrays(path: Path) -> tuple[str, dict[str, np.ndarray]]:
-    """Return (format, {name: array}) for a .npz or .safetensors file."""
+def _read_arrays(path: Path, memory_limit: int | None = None) -> tuple[str, dict]:
+    """Return (format, {name: array}) for a .npz or .safetensors file (large safetensors: mapped)."""
     path = Path(path)
     if not path.is_file():
         raise EngineError(_CODE, f"data file {path.name!r} does not exist")
@@ -40,6 +49,9 @@ def _read_arrays(path: Path) -> tuple[str, dict[str, np.ndarray]]:
     if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
         return "npz", _read_npz(path)
     if len(head) == 8 and 0 < int.from_bytes(head, "little") < 100_000_000:
+        limit = DATA_MEMORY_LIMIT if memory_limit is None else memory_limit
+        if path.stat().st_size > limit:
+            return "safetensors", _map_safetensors(path)
         return "safetensors", _read_safetensors(path)
     raise EngineError(_CODE, f"data file {path.name!r} is neither an .npz archive nor a safetensors file")
 
@@ -84,11 +96,18 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise EngineError(_CODE, f"cannot read {path.name!r} as safetensors: {err}") from None
 
 
+def _map_safetensors(path: Path) -> dict[str, MappedRows]:
+    try:
+        return open_safetensors(path)
+    except (ValueError, OSError) as err:
+        raise EngineError(_CODE, f"cannot read {path.name!r} as safetensors: {err}") from None
+
+
 # --------------------------------------------------------------------------- checking arrays
 
 
-def _check_x(name: str, x: np.ndarray) -> np.ndarray:
-    """Validate an input array and convert it to the dtype models consume."""
+def _check_x(name: str, x):
+    """Validate an input array and convert it to the dtype models consume (a mapped array: lazily)."""
     if x.dtype == object or x.dtype.kind not in "fiu":
         raise EngineError(_CODE, f"{name!r} must be a numeric array, got dtype {x.dtype}", param=name)
     if x.ndim not in (2, 3, 4):
@@ -99,6 +118,10 @@ def _check_x(name: str, x: np.ndarray) -> np.ndarray:
         )
     if x.shape[0] == 0:
         raise EngineError(_CODE, f"{name!r} has no rows", param=name)
+    if isinstance(x, MappedRows):
+        if x.dtype == np.uint8:
+            return x.astype(np.float32, divisor=255.0)
+        return x.astype(np.int64 if x.dtype.kind in "iu" else np.float32)
     if x.dtype == np.uint8:
         return x.astype(np.float32) / np.float32(255.0)
     if x.dtype.kind in "iu":
@@ -107,7 +130,9 @@ def _check_x(name: str, x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
-def _check_y(y: np.ndarray, n: int) -> np.ndarray:
+def _check_y(y, n: int) -> np.ndarray:
+    if isinstance(y, MappedRows) and y.dtype != object and y.dtype.kind in "iu" and y.ndim == 1:
+        y = y.to_numpy()  # labels are small (8 bytes a row): kept in memory
     if y.dtype == object or y.dtype.kind not in "iu":
         raise EngineError(_CODE, f"'y' must hold integer class ids, got dtype {y.dtype}", param="y")
     if y.ndim != 1:
@@ -136,12 +161,19 @@ def _check_arrays(arrays: dict[str, np.ndarray], label: str) -> tuple[np.ndarray
     return x, y, extras
 
 
-def array_identity(*arrays: np.ndarray | None) -> str:
-    """sha256 over dtypes, shapes and bytes: the data identity in cache keys."""
+def array_identity(*arrays) -> str:
+    """sha256 over dtypes, shapes and bytes: the data identity in cache keys.
+
+    A mapped array contributes its own identity (the file's sha256, its place in the
+    file, its rows and conversion), so a 4 GB file is hashed once, not per view.
+    """
     h = hashlib.sha256()
     for a in arrays:
         if a is None:
             h.update(b"none;")
+            continue
+        if isinstance(a, MappedRows):
+            h.update(f"mapped:{a.identity()};".encode())
             continue
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{list(a.shape)};".encode())
@@ -152,11 +184,15 @@ def array_identity(*arrays: np.ndarray | None) -> str:
 # --------------------------------------------------------------------------- public API
 
 
-def load_dataset(source: str, cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+def load_dataset(
+    source: str, cache_dir: Path | None, memory_limit: int | None = None
+) -> tuple[np.ndarray | MappedRows, np.ndarray | None, dict]:
     """Load ``source`` (a local file path or ``builtin:NAME``) as ``(x, y, extras)``.
 
-    ``extras`` holds ``x_teacher`` when present, plus ``format`` and ``identity``
-    (a content hash used in teacher-cache keys).
+    ``extras`` holds ``x_teacher`` when present, plus ``format``, ``identity``
+    (a content hash used in teacher-cache keys) and ``mapped`` (True when ``x`` is
+    read through a memory map: a safetensors file larger than ``memory_limit``,
+    default ``DATA_MEMORY_LIMIT``).
     """
     source = str(source)
     if source.startswith(BUILTIN_PREFIX):
@@ -164,14 +200,15 @@ def load_dataset(source: str, cache_dir: Path | None) -> tuple[np.ndarray, np.nd
         arrays = _load_builtin(name, cache_dir)
         fmt = "builtin"
     else:
-        fmt, arrays = _read_arrays(Path(source))
+        fmt, arrays = _read_arrays(Path(source), memory_limit)
     x, y, extras = _check_arrays(arrays, Path(source).name if fmt != "builtin" else source)
     extras["format"] = fmt
+    extras["mapped"] = isinstance(x, MappedRows)
     extras["identity"] = array_identity(x, y, extras.get("x_teacher"))
     return x, y, extras
 
 
-def validate_data_file(path: Path) -> dict:
+def validate_data_file(path: Path, memory_limit: int | None = None) -> dict:
     """Inspect an uploaded data file without training on it.
 
     Returns ``{"format", "n", "x_shape", "x_dtype", "classes"}`` where ``x_shape`` is
@@ -179,7 +216,7 @@ def validate_data_file(path: Path) -> dict:
     Raises ``EngineError("invalid_data")`` for object arrays, a missing ``x``, a
     length mismatch or non-integer ``y``.
     """
-    fmt, arrays = _read_arrays(Path(path))
+    fmt, arrays = _read_arrays(Path(path), memory_limit)
     stored_dtype = str(arrays["x"].dtype) if "x" in arrays else None
     x, y, extras = _check_arrays(arrays, Path(path).name)
     return {
@@ -190,6 +227,13 @@ def validate_data_file(path: Path) -> dict:
         "classes": int(y.max()) + 1 if y is not None and len(y) else None,
         "has_x_teacher": "x_teacher" in extras,
     }
+
+
+def take_rows(a, idx: np.ndarray):
+    """Rows ``idx`` of ``a``: a copy for an in-memory array, a view by index for a mapped one."""
+    if a is None:
+        return None
+    return a.subset(idx) if isinstance(a, MappedRows) else a[idx]
 
 
 def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -292,5 +336,6 @@ __all__ = [
     "describe_source",
     "load_dataset",
     "split_validation",
+    "take_rows",
     "validate_data_file",
 ]

@@ -25,18 +25,21 @@ from torch import nn
 from .architectures import build_model, count_parameters, describe
 from .callbacks import Callback, CallbackList, TrainState
 from .config import parse_config
-from .data import array_identity, describe_source, load_dataset, split_validation
+from .data import array_identity, describe_source, load_dataset, split_validation, take_rows
 from .errors import EngineError
 from .evaluate import cpu_latency_ms, fused_predictions
 from .export import export_onnx, write_metrics, write_model_card
 from .features import feature_bytes, feature_shapes
+from .mapped import MappedRows
 from .methods import Probe, SupervisedConfig, SupervisedLoss, parse_method
 from .teacher_cache import cache_key, teacher_logits, teacher_outputs
-from .trainer import Split, TrainConfig, accuracy, agreement, fit, load_checkpoint, predict
+from .trainer import Split, TrainConfig, accuracy, agreement, autocast_enabled, fit, load_checkpoint, predict
 from .weights import freeze, load_weights_strict, read_model_metadata, read_num_classes, save_model
 
-# Keep whole data sets on the accelerator below this size; above it, batches are copied per step.
-_DEVICE_DATA_LIMIT = 2 * 1024**3
+# Keep whole data sets on the accelerator below this size; above it, batches are copied per step
+# (from pinned host memory). None = automatic: 40% of the CUDA device's free memory, 2 GiB elsewhere.
+_DEVICE_DATA_LIMIT: int | None = None
+_DEVICE_DATA_FRACTION = 0.4
 # Cache the teachers' tapped intermediate outputs (fp16) for the whole run below this size.
 _FEATURE_CACHE_LIMIT = 512 * 1024**2
 _LATENCY_ROWS = 32
@@ -61,6 +64,12 @@ class RunInputs:
     device: str = "cpu"  # "cpu" or "cuda", decided by the caller
     resume_from: Path | None = None  # checkpoint of an earlier attempt of this job
     cache_dir: Path | None = None  # builtin data and teacher-logit caches
+    # bf16 autocast of the student forward: None = automatic (CUDA with bf16 support), True / False = force.
+    autocast: bool | None = None
+    # torch intra-op threads for this run (restored afterwards); None = leave the process's setting.
+    num_threads: int | None = None
+    # safetensors data files larger than this many bytes are memory-mapped, not loaded; None = 1 GiB.
+    data_memory_budget: int | None = None
 
 
 @dataclass
@@ -109,6 +118,19 @@ def _empty_summary(job_id: str, method: str | None, device: str) -> dict:
 
 def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
     """Run one job. Raises ``EngineError`` for user-fixable failures."""
+    if inputs.num_threads is None:
+        return _run(inputs, callbacks)
+    if inputs.num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1 or None, got {inputs.num_threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(inputs.num_threads)
+    try:
+        return _run(inputs, callbacks)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
     cbs = CallbackList(callbacks)
     state = TrainState(job_id=inputs.job_id)
     spec = inputs.spec if isinstance(inputs.spec, dict) else {}
@@ -117,6 +139,8 @@ def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     method_type = (spec.get("method") or {}).get("type") if isinstance(spec.get("method"), dict) else None
     summary = _empty_summary(inputs.job_id, method_type, str(device))
+    autocast = autocast_enabled(device, inputs.autocast)
+    spill_dir = Path(inputs.cache_dir) if inputs.cache_dir is not None else out_dir
     phases: dict[str, float] = summary["phases"]
 
     def log(level: str, message: str, **data) -> None:
@@ -144,19 +168,21 @@ def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
         student_arch = (spec.get("student") or {}).get("architecture")
         summary["epochs"] = config.epochs
 
-        x, y, extras = load_dataset(inputs.train_data, inputs.cache_dir)
+        budget = inputs.data_memory_budget
+        x, y, extras = load_dataset(inputs.train_data, inputs.cache_dir, budget)
         if inputs.validation_data is not None:
-            xv, yv, extras_v = load_dataset(inputs.validation_data, inputs.cache_dir)
+            xv, yv, extras_v = load_dataset(inputs.validation_data, inputs.cache_dir, budget)
             _check_validation_matches(x, extras, xv, extras_v)
             validation_label = describe_source(inputs.validation_data)
         else:
             train_idx, val_idx = split_validation(len(x), config.validation_fraction, config.seed)
-            xv, yv = x[val_idx], (y[val_idx] if y is not None else None)
-            x, y = x[train_idx], (y[train_idx] if y is not None else None)
+            # By index: in-memory arrays are copied, mapped ones become views (nothing is read).
+            xv, yv = take_rows(x, val_idx), take_rows(y, val_idx)
+            x, y = take_rows(x, train_idx), take_rows(y, train_idx)
             extras_v = {}
             if "x_teacher" in extras:
-                extras_v["x_teacher"] = extras["x_teacher"][val_idx]
-                extras = {**extras, "x_teacher": extras["x_teacher"][train_idx]}
+                extras_v["x_teacher"] = take_rows(extras["x_teacher"], val_idx)
+                extras = {**extras, "x_teacher": take_rows(extras["x_teacher"], train_idx)}
             validation_label = f"{config.validation_fraction:g} of train, seed {config.seed}"
         num_classes = _num_classes(y, yv, inputs.teachers)
 
@@ -198,11 +224,14 @@ def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
         teacher_weights = [float(t.weight) for t in teacher_inputs]
         stages = loss_fn.stages()
 
-        keep_on = device if _nbytes(x, y, xt, xv, yv, xvt) < _DEVICE_DATA_LIMIT else torch.device("cpu")
-        x_all, y_all = _tensor(x, None, keep_on), _tensor(y, None, keep_on)
-        xv_all, yv_all = _tensor(xv, None, keep_on), _tensor(yv, None, keep_on)
-        teacher_x = [_tensor(xt, t, keep_on) for t in teachers]
-        teacher_xv = [_tensor(xvt, t, keep_on) for t in teachers]
+        data_bytes = _nbytes(x, y, xt, xv, yv, xvt)
+        keep_on = device if data_bytes < _device_data_limit(device) else torch.device("cpu")
+        placed: dict = {}  # one copy per (array, dtype), however many teachers read it
+        x_all, y_all = _tensor(x, None, keep_on, placed), _tensor(y, None, keep_on, placed)
+        xv_all, yv_all = _tensor(xv, None, keep_on, placed), _tensor(yv, None, keep_on, placed)
+        teacher_x = [_tensor(xt, t, keep_on, placed) for t in teachers]
+        teacher_xv = [_tensor(xvt, t, keep_on, placed) for t in teachers]
+        del placed
         summary.update(
             num_classes=num_classes,
             input_shape=[int(d) for d in x.shape[1:]],
@@ -218,6 +247,8 @@ def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
             num_classes=num_classes,
             train=describe_source(inputs.train_data),
             validation=validation_label,
+            storage=_storage(x_all, keep_on),
+            autocast=autocast,
         )
         resume = _load_resume(inputs, log)
 
@@ -298,7 +329,7 @@ def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
         with phase("teacher_cache"):
             cache_status = _cache_teacher_outputs(
                 train, s_teachers, loss, device, log,
-                cache_dir=inputs.cache_dir,
+                cache_dir=inputs.cache_dir, spill_dir=spill_dir,
                 keys=[_cache_key(t, tm, num_classes, xt, torch.float16) for t, tm in zip(teacher_inputs, teachers)]
                 if stage.teachers == "spec" else [None] * len(s_teachers),
             )  # fmt: skip
@@ -328,6 +359,7 @@ def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
                 checkpoint_path=out_dir / "checkpoint.pt",
                 resume=stage_resume,
                 checkpoint_extra={"stage": i, "stages": completed},
+                autocast=autocast,
             )
         done_epochs += stage_config.epochs
         if state.cancelled:
@@ -380,6 +412,7 @@ def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
                 state=state,
                 callbacks=cbs,
                 device=device,
+                autocast=autocast,
             )
             baseline_history = state.history
         if state.cancelled:
@@ -537,7 +570,7 @@ def _stage_resume(resume: dict | None, resume_stage: int, i: int, model: nn.Modu
 
 
 def _cache_teacher_outputs(
-    split: Split, teachers: list[nn.Module], loss, device: torch.device, log, *, cache_dir, keys
+    split: Split, teachers: list[nn.Module], loss, device: torch.device, log, *, cache_dir, spill_dir, keys
 ) -> str | None:
     """Fill ``split.teacher_logits`` (and ``teacher_features``) once, if the method allows it.
 
@@ -571,8 +604,9 @@ def _cache_teacher_outputs(
             hit = False
         else:
             logits, hit = teacher_logits(
-                teacher, tx, device, who=f"teacher {i}", dtype=torch.float16, cache_dir=cache_dir, key=keys[i]
-            )
+                teacher, tx, device, who=f"teacher {i}", dtype=torch.float16, cache_dir=cache_dir, key=keys[i],
+                spill_dir=spill_dir,
+            )  # fmt: skip
         split.teacher_logits.append(logits)
         hits.append(hit)
         log(
@@ -582,6 +616,7 @@ def _cache_teacher_outputs(
             rows=len(logits),
             features=sorted(taps),
             seconds=round(time.perf_counter() - started, 3),
+            storage="mapped" if isinstance(logits, MappedRows) else "memory",
         )
     return "hit" if all(hits) else "built"
 
@@ -657,24 +692,64 @@ def _check_input_kind(model: nn.Module, x: np.ndarray, who: str, param: str) -> 
             )
 
 
-def _as_input(t: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """Rows in the dtype ``model`` reads (a no-op when it already is)."""
-    return t.to(getattr(model, "input_dtype", torch.float32))
+def _as_input(t, model: nn.Module):
+    """Rows in the dtype ``model`` reads (a no-op when it already is; a view for mapped rows)."""
+    dtype = getattr(model, "input_dtype", torch.float32)
+    return t.astype(dtype) if isinstance(t, MappedRows) else t.to(dtype)
 
 
-def _tensor(a: np.ndarray | None, model: nn.Module | None, device: torch.device) -> torch.Tensor | None:
+def _tensor(a, model: nn.Module | None, device: torch.device, placed: dict | None = None):
+    """``a`` as rows on ``device`` in ``model``'s input dtype: a tensor, or mapped rows left on the host.
+
+    Mapped rows bound for an accelerator that holds the whole data are copied there a
+    chunk at a time. ``placed`` memoises by (array, dtype), so teachers reading the
+    same array share one copy.
+    """
     if a is None:
         return None
-    if not a.flags.writeable or not a.flags.c_contiguous:
-        a = np.ascontiguousarray(a).copy()
-    t = torch.from_numpy(a)
-    if model is not None:
-        t = t.to(getattr(model, "input_dtype", torch.float32))
-    return t.to(device)
+    dtype = getattr(model, "input_dtype", torch.float32) if model is not None else None
+    memo = (
+        id(a),
+        dtype
+        or (a.torch_dtype if isinstance(a, MappedRows) else torch.from_numpy(np.empty(0, a.dtype)).dtype),
+    )
+    if placed is not None and memo in placed:
+        return placed[memo]
+    if isinstance(a, MappedRows):
+        t = a.astype(dtype) if dtype is not None else a
+        if device.type != "cpu":
+            t = t.to_device(device)
+    else:
+        if not a.flags.writeable or not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a).copy()
+        t = torch.from_numpy(a)
+        if dtype is not None:
+            t = t.to(dtype)
+        t = t.to(device)
+    if placed is not None:
+        placed[memo] = t
+    return t
 
 
 def _nbytes(*arrays) -> int:
-    return sum(a.nbytes for a in arrays if a is not None)
+    """Bytes of the distinct arrays (the teachers' input is often ``x`` itself)."""
+    return sum(a.nbytes for a in {id(a): a for a in arrays if a is not None}.values())
+
+
+def _device_data_limit(device: torch.device) -> int:
+    if _DEVICE_DATA_LIMIT is not None:
+        return _DEVICE_DATA_LIMIT
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * _DEVICE_DATA_FRACTION)
+    return 2 * 1024**3
+
+
+def _storage(x, keep_on: torch.device) -> str:
+    """Where the training rows live: ``mapped`` (read from the file per batch), ``host`` or ``device``."""
+    if isinstance(x, MappedRows):
+        return "mapped"
+    return "device" if keep_on.type != "cpu" else "host"
 
 
 def _cache_key(

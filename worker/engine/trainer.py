@@ -91,7 +91,11 @@ SCHEDULERS = ("cosine", "constant")
 
 @dataclass
 class Split:
-    """One data split, as tensors ready for indexing (on the device when they fit)."""
+    """One data split, as tensors ready for indexing (on the device when they fit).
+
+    Any of the row arrays may instead be a ``mapped.MappedRows`` (data larger than
+    memory, read a batch at a time); ``fetch`` hides the difference from the loop.
+    """
 
     x: torch.Tensor  # student input, already in the student's input dtype
     y: torch.Tensor | None  # int64 class ids
@@ -147,6 +151,27 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, device: torch.
     return chunks
 
 
+def fetch(rows, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows ``idx`` of ``rows`` (a tensor, or mapped rows on the host) as a tensor on ``device``.
+
+    Data already on the accelerator is indexed there. Host data bound for CUDA is
+    gathered into page-locked memory (from torch's caching host allocator, which keeps
+    a block until the copy that reads it has finished) and copied with
+    ``non_blocking=True``, so the copy overlaps the GPU's work and the host goes on to
+    the next batch. On CPU it is one index operation.
+    """
+    if rows.device.type != "cpu" or device.type == "cpu":
+        return rows[idx]
+    if device.type != "cuda":
+        return rows[idx].to(device)
+    if isinstance(rows, torch.Tensor):
+        staged = torch.empty((len(idx), *rows.shape[1:]), dtype=rows.dtype, pin_memory=True)
+        torch.index_select(rows, 0, idx, out=staged)
+    else:
+        staged = rows[idx].pin_memory()
+    return staged.to(device, non_blocking=True)
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
     steps = math.ceil(n / batch_size)
     return steps - 1 if steps > 1 and n % batch_size == 1 else steps
@@ -171,10 +196,21 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor | None) -> float | None:
     return (logits.argmax(-1) == y.to(logits.device)).float().mean().item()
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA devices that support it; full precision elsewhere (CPU bf16 is slow)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast_enabled(device: torch.device, autocast: bool | None = None) -> bool:
+    """Whether the student forward runs under bf16 autocast.
+
+    ``None`` (automatic): on CUDA devices that support bf16, never on CPU (CPU bf16 is
+    slow). ``True`` forces it on (where the device has no bf16 this is an error from
+    torch), ``False`` off.
+    """
+    if autocast is None:
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return bool(autocast)
+
+
+def autocast_for(device: torch.device, autocast: bool | None = None):
+    if autocast_enabled(device, autocast):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -194,12 +230,14 @@ def fit(
     checkpoint_path: Path | None = None,
     resume: dict | None = None,
     checkpoint_extra: dict | None = None,
+    autocast: bool | None = None,
 ) -> None:
     """Train ``student`` in place. Sets ``state.cancelled`` if a callback stopped it.
 
     ``val_reference`` holds the (fused) teacher's validation predictions for the
     agreement metric. ``resume`` is a checkpoint dict from ``load_checkpoint``.
     ``checkpoint_extra`` is merged into every checkpoint (the runner's stage bookkeeping).
+    ``autocast``: bf16 autocast of the student forward, None = automatic (``autocast_enabled``).
     """
     # ---- setup: optimizer, schedule, state -------------------------------------------------
     params = [p for p in itertools.chain(student.parameters(), loss_fn.parameters()) if p.requires_grad]
@@ -246,21 +284,21 @@ def fit(
             for step, idx in enumerate(
                 epoch_batches(n, config.batch_size, config.seed, epoch, train.x.device)
             ):
-                # -- batch: index contiguous tensors; no DataLoader workers to start or pickle through
-                xb = train.x[idx].to(device, non_blocking=True)
-                yb = train.y[idx].to(device, non_blocking=True) if train.y is not None else None
+                # -- batch: index contiguous tensors (or mapped rows); no DataLoader workers to start
+                xb = fetch(train.x, idx, device)
+                yb = fetch(train.y, idx, device) if train.y is not None else None
 
                 # -- teacher targets: the per-run cache, or a fresh frozen forward
                 if use_cache:
-                    teacher_logits = [c[idx].to(device).float() for c in train.teacher_logits]
+                    teacher_logits = [fetch(c, idx, device).float() for c in train.teacher_logits]
                     teacher_features = [
-                        {k: v[idx].to(device).float() for k, v in f.items()} for f in train.teacher_features
+                        {k: fetch(v, idx, device).float() for k, v in f.items()}
+                        for f in train.teacher_features
                     ]
                 else:
                     with torch.inference_mode():
                         fresh = [
-                            t(tx[idx].to(device, non_blocking=True)).float()
-                            for t, tx in zip(teachers, train.teacher_x)
+                            t(fetch(tx, idx, device)).float() for t, tx in zip(teachers, train.teacher_x)
                         ]
                         fresh_features = [tap.take() for tap in teacher_taps]
                     # Out of inference mode, so the loss may use them in autograd-recorded ops.
@@ -268,7 +306,7 @@ def fit(
                     teacher_features = [{k: v.clone() for k, v in f.items()} for f in fresh_features]
 
                 # -- forward: student (hooks capture its tapped outputs), then the method's loss
-                with autocast_for(device):
+                with autocast_for(device, autocast):
                     logits = student(xb)
                 batch = StepBatch(
                     logits.float(),
