@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     max_active_jobs_per_tenant: int = Field(default=20, ge=1)
     # Wall-clock seconds one attempt of a job may run before the worker fails it with `timeout`.
     job_timeout_s: float = Field(default=24 * 3600.0, gt=0)
+    # torch threads per worker process (0 = the cores this process may use, by affinity and cgroup quota).
+    worker_threads: int = Field(default=0, ge=0)
     # Celery queue the API publishes to and workers consume ("cpu" or "gpu").
     queue: str = "cpu"
     # Log one JSON object per line (job_id and tenant_id included where known).

@@ -144,7 +144,7 @@ def service_env(database_url: str, redis_url: str | None, data_dir: Path, **extr
         "DATA_DIR": str(data_dir), "DATABASE_URL": database_url, "STORAGE_URL": f"file://{data_dir / 'store'}",
         "LEASE_SECONDS": "4", "RECONCILE_INTERVAL_S": "1", "REQUEUE_AFTER_S": "5", "MAX_ATTEMPTS": "3",
         "MAX_UPLOAD_BYTES": str(64 * 1024 * 1024), "UPLOAD_TIMEOUT_S": "6", "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1", "WORKER_THREADS": "1",
     })  # fmt: skip
     if redis_url:
         env["REDIS_URL"] = redis_url
