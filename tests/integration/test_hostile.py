@@ -130,7 +130,7 @@ def test_schemathesis_finds_no_5xx_and_responses_match_the_schema(service, postg
         op = operation.ok()
 
         @given(case=op.as_strategy())
-        @settings(max_examples=25, deadline=None, database=None,
+        @settings(max_examples=25, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))  # fmt: skip
         def check(case, auth):
             headers = {"Authorization": f"Bearer {key}"} if auth else {}
