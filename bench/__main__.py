@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-BENCHMARKS = ["bench.engine", "bench.api", "bench.queue", "bench.memory", "bench.soak"]  # bench.gpu needs CUDA
+BENCHMARKS = ["bench.engine", "bench.api", "bench.queue", "bench.memory", "bench.soak", "bench.quality"]  # bench.gpu needs CUDA
 
 if __name__ == "__main__":
     failed = [name for name in BENCHMARKS if subprocess.run([sys.executable, "-m", name]).returncode != 0]
