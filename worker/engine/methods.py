@@ -500,7 +500,7 @@ class CrossModalConfig:
 
 
 @METHODS.register("cross_modal")
-class CrossModalLoss(DistillationLoss):
+class CrossModalLoss(KDLoss):
     """Cross-modal distillation (supervision transfer), Gupta, Hoffman & Malik 2016,
     "Cross Modal Distillation for Supervision Transfer" (CVPR 2016, arXiv:1507.00448).
 
@@ -516,18 +516,9 @@ class CrossModalLoss(DistillationLoss):
     Terms: ``kl``, ``ce`` when α < 1.
     """
 
+    # The loss is KD's; only the teacher's input and the default alpha differ.
     Config = CrossModalConfig
-    max_teachers = 1
     teacher_input = "x_teacher"
-
-    @property
-    def requires_labels(self) -> bool:
-        return self.config.alpha < 1.0
-
-    def forward(self, batch: StepBatch):
-        t = self.config.temperature
-        kl = kd_kl(batch.student_logits, batch.teacher_logits[0], t)
-        return soft_and_hard(batch.student_logits, kl, batch.targets, t, self.config.alpha)
 
 
 # --------------------------------------------------------------------------- teacher_assistant

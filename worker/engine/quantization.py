@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from .methods import (
     soft_and_hard,
 )
 from .trainer import accuracy, predict
+from .weights import save_safetensors_atomic
 
 QUANTIZED_FORMAT = "distill-quantized/1"
 _EPS = 1e-8
@@ -203,8 +202,6 @@ def _dequantize_text(bits: int) -> str:
 
 def save_quantized(model: nn.Module, path: Path, metadata: dict, bits: int) -> None:
     """Write the integer weights, their scales, the input quantisation parameters and every float tensor."""
-    from safetensors.torch import save_file
-
     layers = quantized_layers(model)
     tensors, shapes = {}, {}
     for key, value in model.state_dict().items():
@@ -230,15 +227,7 @@ def save_quantized(model: nn.Module, path: Path, metadata: dict, bits: int) -> N
         "dequantize": json.dumps(_dequantize_text(bits)),
     }
     header.update({k: json.dumps(v) for k, v in metadata.items()})
-    tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=Path(path).name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_safetensors_atomic({k: v.to("cpu").contiguous() for k, v in tensors.items()}, Path(path), header)
 
 
 def load_quantized(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

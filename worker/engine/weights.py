@@ -75,11 +75,16 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def save_model(model: nn.Module, path: Path, metadata: dict) -> None:
     """Write the state dict as safetensors; ``metadata`` values are stored as JSON strings."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     header = {"format": json.dumps(MODEL_FORMAT)}
     header.update({k: json.dumps(v) for k, v in metadata.items()})
+    save_safetensors_atomic(tensors, Path(path), header)
+
+
+def save_safetensors_atomic(tensors: dict, path: Path, header: dict[str, str]) -> None:
+    """Write under a temporary name in the same folder, then rename: readers never see a partial file."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
