@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from worker.engine import METHODS, EngineError, StepBatch, build_model
-from worker.engine.methods import KDConfig, KDLoss, kd_kl, parse_method
+from worker.engine.methods import KDConfig, KDLoss, distill_loss, kd_kl, parse_method
+from worker.engine.trainer import Split, precompute_soft_targets
 from worker.engine.weights import freeze
 
 
@@ -116,3 +117,46 @@ def test_registry_has_the_minimum_methods():
     for name in METHODS.names():
         doc = METHODS.get(name).__doc__ or ""
         assert "L =" in doc, f"{name}'s docstring must state its formula"
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("soft_labels", [False, True])
+def test_closed_form_distill_loss_matches_autograd_of_the_formula(alpha, soft_labels):
+    """``distill_loss`` forms its gradient by hand; it must equal autograd's on the written formula."""
+    torch.manual_seed(0)
+    t, b, k = 3.0, 16, 7
+    z = torch.randn(b, k, dtype=torch.float64, requires_grad=True)
+    q = torch.softmax(torch.randn(b, k, dtype=torch.float64) / t, dim=-1)
+    y = torch.randint(0, k, (b,))
+    labels = torch.softmax(torch.randn(b, k, dtype=torch.float64), -1) if soft_labels else y
+    total, terms = distill_loss(z, q, labels, t, alpha)
+    (grad,) = torch.autograd.grad(total, z)
+
+    z_ref = z.detach().clone().requires_grad_(True)
+    kl = F.kl_div(F.log_softmax(z_ref / t, -1), q, reduction="batchmean")
+    ce = F.cross_entropy(z_ref, labels)
+    reference = alpha * t * t * kl + (1 - alpha) * ce
+    (grad_ref,) = torch.autograd.grad(reference, z_ref)
+
+    assert torch.allclose(total, reference.detach(), atol=1e-12)
+    assert torch.allclose(grad, grad_ref, atol=1e-12)
+    assert torch.allclose(terms["kl"], kl.detach(), atol=1e-12)
+    assert ("ce" in terms) == (alpha < 1)
+    if alpha < 1:
+        assert torch.allclose(terms["ce"], ce.detach(), atol=1e-12)
+
+
+def test_precomputed_soft_targets_give_the_per_step_loss():
+    """The trainer's once-per-run soft targets and the per-step ones are the same distribution."""
+    torch.manual_seed(1)
+    loss = KDLoss(KDConfig(temperature=2.0, alpha=0.5), num_classes=5, num_teachers=1)
+    logits = torch.randn(300, 5).half()
+    y = torch.randint(0, 5, (300,))
+    split = Split(torch.randn(300, 3), y, teacher_logits=[logits])
+    pre = precompute_soft_targets(loss, split, [1.0], chunk=64)
+    assert pre is not None and pre.shape == (300, 5) and not pre.is_inference()
+    z = torch.randn(300, 5)
+    a, _ = loss(StepBatch(z, y, [logits.float()], [1.0]))
+    b, _ = loss(StepBatch(z, y, [], [1.0], soft_targets=pre))
+    assert torch.allclose(a, b, atol=1e-6)
+    assert precompute_soft_targets(METHODS.get("dkd")(METHODS.get("dkd").Config(), 5, 1), split, [1.0]) is None

@@ -62,6 +62,9 @@ class StepBatch:
     teacher_features: list[dict[str, torch.Tensor]] = field(
         default_factory=list
     )  # per teacher: tap name -> float32 output (no grad), for the names in ``teacher_taps``
+    soft_targets: torch.Tensor | None = (
+        None  # [B, K] the loss's ``soft_targets`` when precomputed for all rows
+    )
 
 
 @dataclass
@@ -122,6 +125,23 @@ class DistillationLoss(nn.Module):
 
     def forward(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def soft_targets(
+        self, teacher_logits: list[torch.Tensor], teacher_weights: list[float], targets: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The per-row target distribution ``[B, K]`` this loss distils toward, or None.
+
+        A loss that returns one reads the teachers' logits only through it (``targets_of``),
+        so with cached teacher outputs the trainer computes it once for every row and
+        hands each step its rows in ``StepBatch.soft_targets`` instead of the logits.
+        """
+        return None
+
+    def targets_of(self, batch: StepBatch) -> torch.Tensor:
+        """This step's soft targets: precomputed, or from the step's teacher logits."""
+        if batch.soft_targets is not None:
+            return batch.soft_targets
+        return self.soft_targets(batch.teacher_logits, batch.teacher_weights, batch.targets)
 
     def validation_metrics(
         self, student: nn.Module, x: torch.Tensor, y: torch.Tensor | None, device: torch.device
@@ -188,27 +208,71 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
 
 
-def kl_to_probs(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(q || p_s) for a given target distribution q (e.g. fused teachers), batch mean, no T^2."""
-    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
-    return F.kl_div(log_p_s, target_probs, reduction="batchmean")
+def hard_labels(targets: torch.Tensor) -> torch.Tensor:
+    """Class ids of ``targets``: themselves, or the heaviest class of mixed (soft) labels."""
+    return targets if targets.dim() == 1 else targets.argmax(-1)
 
 
-def soft_and_hard(
+class _SoftTargetLoss(torch.autograd.Function):
+    """(1 − α)·CE(z, y) + α·T²·KL(q ‖ softmax(z/T)) with its gradient formed in the forward pass.
+
+    The gradient in closed form, d/dz = α·T·(softmax(z/T) − q)/B + (1 − α)·(softmax(z) − y)/B,
+    takes a handful of tensor operations where autograd's graph of the same expression
+    takes about three times as many; on small students the step is dominated by per-op
+    overhead, so this is what brings a KD step close to a supervised one. ``y`` is class
+    ids ``[B]`` or a label distribution ``[B, K]`` (mixed labels). Returns the total and the
+    unweighted ``kl`` and ``ce`` (the last two carry no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, z, q, y, temperature: float, alpha: float):
+        n = z.shape[0]
+        log_p = torch.log_softmax(z * (1.0 / temperature), dim=-1)
+        # KL(q ‖ p) = Σ q·log q − Σ q·log p; the first sum is a constant of the targets.
+        kl = (torch.special.xlogy(q, q).sum() - torch.dot(q.reshape(-1), log_p.reshape(-1))) / n
+        grad = torch.sub(log_p.exp_(), q).mul_(alpha * temperature / n)
+        total = kl * (alpha * temperature * temperature)
+        ce = None
+        if alpha < 1.0:
+            log_p1 = torch.log_softmax(z, dim=-1)
+            grad.add_(log_p1.exp(), alpha=(1.0 - alpha) / n)
+            if y.dim() == 1:  # class ids: subtract the one-hot rows in place
+                ce = F.nll_loss(log_p1, y)
+                grad.scatter_add_(1, y.unsqueeze(1), grad.new_full((n, 1), -(1.0 - alpha) / n))
+            else:  # a label distribution per row (mixed labels)
+                ce = -torch.dot(y.reshape(-1).to(log_p1.dtype), log_p1.reshape(-1)) / n
+                grad.sub_(y, alpha=(1.0 - alpha) / n)
+            total = total + ce * (1.0 - alpha)
+        ctx.save_for_backward(grad)
+        if ce is None:
+            ctx.mark_non_differentiable(kl)
+            return total, kl
+        ctx.mark_non_differentiable(kl, ce)
+        return total, kl, ce
+
+    @staticmethod
+    def backward(ctx, grad_total, *_):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total, None, None, None, None
+
+
+def distill_loss(
     student_logits: torch.Tensor,
-    kl: torch.Tensor,
+    soft_targets: torch.Tensor,
     targets: torch.Tensor | None,
     temperature: float,
     alpha: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(1 − α)·CE + α·T²·KL, the Hinton mix shared by every KD-based method; CE only when α < 1."""
-    total = alpha * temperature * temperature * kl
-    terms = {"kl": kl}
+    """(1 − α)·CE + α·T²·KL(q ‖ p_s), the Hinton mix shared by every KD-based method; CE only when α < 1.
+
+    ``soft_targets`` q is the target distribution at temperature T (one teacher's
+    softmax(z_t/T), or fused teachers). Terms: ``kl`` (at T, before T²), ``ce``.
+    """
     if alpha < 1.0:
-        ce = F.cross_entropy(student_logits, targets)
-        total = total + (1.0 - alpha) * ce
-        terms["ce"] = ce
-    return total, terms
+        total, kl, ce = _SoftTargetLoss.apply(student_logits, soft_targets, targets, temperature, alpha)
+        return total, {"kl": kl, "ce": ce}
+    total, kl = _SoftTargetLoss.apply(student_logits, soft_targets, targets, temperature, alpha)
+    return total, {"kl": kl}
 
 
 def check_temperature(t: float) -> None:
@@ -326,10 +390,14 @@ class KDLoss(DistillationLoss):
     def requires_labels(self) -> bool:
         return self.config.alpha < 1.0
 
+    def soft_targets(self, teacher_logits, teacher_weights, targets):
+        return torch.softmax(teacher_logits[0] / self.config.temperature, dim=-1)
+
     def forward(self, batch: StepBatch):
-        t = self.config.temperature
-        kl = kd_kl(batch.student_logits, batch.teacher_logits[0], t)
-        return soft_and_hard(batch.student_logits, kl, batch.targets, t, self.config.alpha)
+        c = self.config
+        return distill_loss(
+            batch.student_logits, self.targets_of(batch), batch.targets, c.temperature, c.alpha
+        )
 
 
 # --------------------------------------------------------------------------- dkd
@@ -397,7 +465,8 @@ class DKDLoss(DistillationLoss):
     ramp of the distillation terms as in the paper's training recipe. Defaults α = 1,
     β = 8, T = 4 follow the paper's CIFAR-100 settings; the paper warms up over 20 of
     240 epochs, our default of 5 suits the much shorter default run (30 epochs).
-    Needs labels (the target class defines the split). Terms: ``ce``, ``tckd``,
+    Needs labels (the target class defines the split; with mixed labels, the heaviest
+    class). Terms: ``ce``, ``tckd``,
     ``nckd`` (batch means at T, before T² and weights).
     """
 
@@ -406,7 +475,10 @@ class DKDLoss(DistillationLoss):
 
     def forward(self, batch: StepBatch):
         c, t = self.config, self.config.temperature
-        tckd, nckd, _ = dkd_terms(batch.student_logits, batch.teacher_logits[0], batch.targets, t)
+        # Mixed labels (mixup, cutmix): the split is on the heaviest class; CE keeps the mixture.
+        tckd, nckd, _ = dkd_terms(
+            batch.student_logits, batch.teacher_logits[0], hard_labels(batch.targets), t
+        )
         tckd, nckd = tckd.mean(), nckd.mean()
         ramp = 1.0 if c.warmup_epochs == 0 else min(1.0, (batch.epoch + 1) / c.warmup_epochs)
         ce = F.cross_entropy(batch.student_logits, batch.targets)
@@ -477,13 +549,17 @@ class MultiTeacherLoss(DistillationLoss):
     def requires_labels(self) -> bool:
         return self.config.alpha < 1.0 or self.config.fusion == "confidence"
 
+    def soft_targets(self, teacher_logits, teacher_weights, targets):
+        c = self.config
+        w = fusion_weights(c.fusion, teacher_logits, teacher_weights, targets)
+        probs = torch.stack([torch.softmax(z / c.temperature, dim=-1) for z in teacher_logits], dim=1)
+        return (w.unsqueeze(-1) * probs).sum(1)  # [B, K]
+
     def forward(self, batch: StepBatch):
         c = self.config
-        w = fusion_weights(c.fusion, batch.teacher_logits, batch.teacher_weights, batch.targets)
-        probs = torch.stack([torch.softmax(z / c.temperature, dim=-1) for z in batch.teacher_logits], dim=1)
-        fused = (w.unsqueeze(-1) * probs).sum(1)  # [B, K]
-        kl = kl_to_probs(batch.student_logits, fused, c.temperature)
-        return soft_and_hard(batch.student_logits, kl, batch.targets, c.temperature, c.alpha)
+        return distill_loss(
+            batch.student_logits, self.targets_of(batch), batch.targets, c.temperature, c.alpha
+        )
 
 
 # --------------------------------------------------------------------------- cross_modal
@@ -556,7 +632,7 @@ class TeacherAssistantConfig:
 
 
 @METHODS.register("teacher_assistant")
-class TeacherAssistantLoss(DistillationLoss):
+class TeacherAssistantLoss(KDLoss):
     """Teacher-assistant knowledge distillation (TAKD), Mirzadeh, Farajtabar, Li, Levine,
     Matsukawa & Ghasemzadeh 2020, "Improved Knowledge Distillation via Teacher
     Assistant" (AAAI 2020, arXiv:1902.03393).
@@ -572,17 +648,8 @@ class TeacherAssistantLoss(DistillationLoss):
     only the final student is exported. Terms: ``kl``, ``ce`` when α < 1.
     """
 
+    # Every link's loss is KD's; the chain is what differs.
     Config = TeacherAssistantConfig
-    max_teachers = 1
-
-    @property
-    def requires_labels(self) -> bool:
-        return self.config.alpha < 1.0
-
-    def forward(self, batch: StepBatch):
-        t = self.config.temperature
-        kl = kd_kl(batch.student_logits, batch.teacher_logits[0], t)
-        return soft_and_hard(batch.student_logits, kl, batch.targets, t, self.config.alpha)
 
     def stages(self) -> list[Stage]:
         c = self.config

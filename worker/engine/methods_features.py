@@ -20,16 +20,14 @@ from .config import require
 from .features import EMBEDDING, align, aligned_shapes, check_path, feature_shapes
 from .methods import (
     METHODS,
-    DistillationLoss,
     FeaturePair,
+    KDLoss,
     Probe,
     StepBatch,
     check_temperature,
     check_unit,
     check_weight,
-    kd_kl,
     parse_pairs,
-    soft_and_hard,
 )
 
 _SPEC = "invalid_spec"
@@ -39,10 +37,8 @@ def _embedding_pair() -> list[dict]:
     return [{"student": EMBEDDING, "teacher": EMBEDDING}]
 
 
-class PairedFeatureLoss(DistillationLoss):
-    """Shared plumbing: ``pairs`` → taps, path checks, the KD part of the loss."""
-
-    max_teachers = 1
+class PairedFeatureLoss(KDLoss):
+    """Shared plumbing: ``pairs`` → taps, path checks; the KD part of the loss is ``KDLoss``'s."""
 
     def __init__(self, config, num_classes: int, num_teachers: int):
         super().__init__(config, num_classes, num_teachers)
@@ -50,20 +46,11 @@ class PairedFeatureLoss(DistillationLoss):
         self.student_taps = [p.student for p in self.pairs]
         self.teacher_taps = [p.teacher for p in self.pairs]
 
-    @property
-    def requires_labels(self) -> bool:
-        return self.config.alpha < 1.0
-
     def check_paths(self, student: nn.Module, teachers: list[nn.Module]) -> None:
         for i, pair in enumerate(self.pairs):
             check_path(student, pair.student, who="the student", param=f"method.pairs[{i}].student")
             for j, teacher in enumerate(teachers):
                 check_path(teacher, pair.teacher, who=f"teacher {j}", param=f"method.pairs[{i}].teacher")
-
-    def kd(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        t = self.config.temperature
-        kl = kd_kl(batch.student_logits, batch.teacher_logits[0], t)
-        return soft_and_hard(batch.student_logits, kl, batch.targets, t, self.config.alpha)
 
     def feature_pairs(self, batch: StepBatch):
         """(student feature, teacher feature) per pair; teacher features carry no grad."""
@@ -137,7 +124,7 @@ class FeatureLoss(PairedFeatureLoss):
         )
 
     def forward(self, batch: StepBatch):
-        total, terms = self.kd(batch)
+        total, terms = super().forward(batch)
         hint = batch.student_logits.new_zeros(())
         for regressor, (fs, ft) in zip(self.regressors, self.feature_pairs(batch)):
             fs, ft = align(fs, ft)
@@ -214,7 +201,7 @@ class AttentionLoss(PairedFeatureLoss):
         self.check_paths(student, teachers)
 
     def forward(self, batch: StepBatch):
-        total, terms = self.kd(batch)
+        total, terms = super().forward(batch)
         at = batch.student_logits.new_zeros(())
         for fs, ft in self.feature_pairs(batch):
             qs, qt = normalised_attention(attention_map(fs), attention_map(ft))
@@ -286,7 +273,7 @@ class RelationLoss(PairedFeatureLoss):
 
     def forward(self, batch: StepBatch):
         c = self.config
-        total, terms = self.kd(batch)
+        total, terms = super().forward(batch)
         dist = angle = batch.student_logits.new_zeros(())
         for fs, ft in self.feature_pairs(batch):
             fs, ft = fs.flatten(1), ft.flatten(1)

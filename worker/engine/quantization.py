@@ -23,12 +23,9 @@ from torch import nn
 from .config import require
 from .methods import (
     METHODS,
-    DistillationLoss,
-    StepBatch,
+    KDLoss,
     check_temperature,
     check_unit,
-    kd_kl,
-    soft_and_hard,
 )
 from .trainer import accuracy, predict
 from .weights import save_safetensors_atomic
@@ -266,7 +263,7 @@ class QuantizationConfig:
 
 
 @METHODS.register("quantization")
-class QuantizationLoss(DistillationLoss):
+class QuantizationLoss(KDLoss):
     """Quantised distillation: quantisation-aware training of the student under a float
     teacher. Polino, Pascanu & Alistarh 2018, "Model Compression via Distillation and
     Quantization" (ICLR 2018, arXiv:1802.05668); Mishra & Marr 2018, "Apprentice: Using
@@ -290,20 +287,11 @@ class QuantizationLoss(DistillationLoss):
     ``float_bytes``, ``bits``. Terms: ``kl``, ``ce`` when α < 1.
     """
 
+    # The loss is KD's; the student's fake quantisation and the artifacts are what differ.
     Config = QuantizationConfig
-    max_teachers = 1
-
-    @property
-    def requires_labels(self) -> bool:
-        return self.config.alpha < 1.0
 
     def wrap_student(self, student: nn.Module) -> nn.Module:
         return prepare_qat(student, self.config.bits)
-
-    def forward(self, batch: StepBatch):
-        t = self.config.temperature
-        kl = kd_kl(batch.student_logits, batch.teacher_logits[0], t)
-        return soft_and_hard(batch.student_logits, kl, batch.targets, t, self.config.alpha)
 
     def export_model(self, student: nn.Module) -> nn.Module:
         return fold(student)
