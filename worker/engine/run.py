@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from .architectures import build_model, count_parameters, describe
+from .augment import POOL_BYTES, TEACHER_OUTPUTS, Pipeline, parse_augmentation, pool_bytes, pool_views
 from .callbacks import Callback, CallbackList, TrainState
-from .config import parse_config
+from .config import parse_config, require
 from .data import array_identity, describe_source, load_dataset, split_validation, take_rows
 from .errors import EngineError
 from .evaluate import cpu_latency_ms, fused_predictions
@@ -33,7 +34,17 @@ from .features import feature_bytes, feature_shapes
 from .mapped import MappedRows
 from .methods import Probe, SupervisedConfig, SupervisedLoss, parse_method
 from .teacher_cache import cache_key, teacher_logits, teacher_outputs
-from .trainer import Split, TrainConfig, accuracy, agreement, autocast_enabled, fit, load_checkpoint, predict
+from .trainer import (
+    Split,
+    TrainConfig,
+    accuracy,
+    agreement,
+    autocast_enabled,
+    autocast_for,
+    fit,
+    load_checkpoint,
+    predict,
+)
 from .weights import freeze, load_weights_strict, read_model_metadata, read_num_classes, save_model
 
 # Keep whole data sets on the accelerator below this size; above it, batches are copied per step
@@ -109,6 +120,8 @@ def _empty_summary(job_id: str, method: str | None, device: str) -> dict:
         "epochs": None,
         "epochs_completed": 0,
         "teacher_cache": None,
+        "augmentation": [],
+        "teacher_outputs": None,
         "onnx_opset": None,
         "onnx_max_abs_diff": None,
         "method_metrics": {},
@@ -232,6 +245,18 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
         teacher_x = [_tensor(xt, t, keep_on, placed) for t in teachers]
         teacher_xv = [_tensor(xvt, t, keep_on, placed) for t in teachers]
         del placed
+        augmentation = parse_augmentation(
+            spec.get("augmentation"),
+            sample_shape=tuple(x.shape[1:]),
+            floating=x.dtype.kind != "i",
+            num_classes=num_classes,
+            input_std=_input_std(x_all),
+        )
+        teacher_mode, pool_size = _teacher_outputs_mode(spec, augmentation, loss_fn)
+        summary["augmentation"] = augmentation.describe()
+        summary["teacher_outputs"] = (
+            teacher_mode if teachers or any(s.teachers != "none" for s in stages) else None
+        )
         summary.update(
             num_classes=num_classes,
             input_shape=[int(d) for d in x.shape[1:]],
@@ -328,7 +353,7 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
 
         with phase("teacher_cache"):
             cache_status = _cache_teacher_outputs(
-                train, s_teachers, loss, device, log,
+                train, s_teachers, loss, device, log, mode=teacher_mode,
                 cache_dir=inputs.cache_dir, spill_dir=spill_dir,
                 keys=[_cache_key(t, tm, num_classes, xt, torch.float16) for t, tm in zip(teacher_inputs, teachers)]
                 if stage.teachers == "spec" else [None] * len(s_teachers),
@@ -339,6 +364,11 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
                 stage_reference = predict(previous, s_vtx[0], device).argmax(-1)
             else:
                 stage_reference = reference
+            views = None
+            if teacher_mode == "pool" and s_teachers:
+                views = _pool(
+                    train, s_teachers, augmentation, pool_size, num_classes, config, device, autocast, log
+                )
 
         with phase("train"):
             state.phase = "train" if final else _phase_name(stage.name)
@@ -360,6 +390,8 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
                 resume=stage_resume,
                 checkpoint_extra={"stage": i, "stages": completed},
                 autocast=autocast,
+                augmentation=augmentation,
+                views=views,
             )
         done_epochs += stage_config.epochs
         if state.cancelled:
@@ -413,6 +445,7 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
                 callbacks=cbs,
                 device=device,
                 autocast=autocast,
+                augmentation=augmentation,  # the same augmentation: the gain is the teacher's alone
             )
             baseline_history = state.history
         if state.cancelled:
@@ -570,15 +603,26 @@ def _stage_resume(resume: dict | None, resume_stage: int, i: int, model: nn.Modu
 
 
 def _cache_teacher_outputs(
-    split: Split, teachers: list[nn.Module], loss, device: torch.device, log, *, cache_dir, spill_dir, keys
+    split: Split,
+    teachers: list[nn.Module],
+    loss,
+    device: torch.device,
+    log,
+    *,
+    mode,
+    cache_dir,
+    spill_dir,
+    keys,
 ) -> str | None:
-    """Fill ``split.teacher_logits`` (and ``teacher_features``) once, if the method allows it.
+    """Fill ``split.teacher_logits`` (and ``teacher_features``) once, if the method and mode allow it.
 
-    Returns "hit" / "built" / "fresh" (the loop runs the teachers per step), or None
-    without teachers. Tapped features are cached only within ``_FEATURE_CACHE_LIMIT``.
+    Returns "hit" / "built" / "fresh" (the loop runs the teachers per step) / "pool", or
+    None without teachers. Tapped features are cached only within ``_FEATURE_CACHE_LIMIT``.
     """
     if not teachers:
         return None
+    if mode in ("fresh", "pool"):
+        return mode
     if not loss.cacheable:
         return "fresh"
     taps = loss.teacher_taps
@@ -637,13 +681,98 @@ def _fill_baseline(summary: dict, baseline: float | None) -> None:
         summary["gap_recovered"] = (student - baseline) / (teacher - baseline)
 
 
+def _input_std(x) -> float:
+    """Standard deviation of the inputs the student reads (first 10k rows), for ``noise``'s scale."""
+    rows = x[:10_000]
+    return float(rows.float().std()) if rows.is_floating_point() or rows.dtype == torch.uint8 else 1.0
+
+
+def _teacher_outputs_mode(spec: dict, augmentation: Pipeline, loss) -> tuple[str, int]:
+    """``spec.teacher_outputs`` checked against the augmentation and the method; null = automatic."""
+    mode = spec.get("teacher_outputs")
+    require(
+        mode is None or mode in TEACHER_OUTPUTS,
+        "invalid_spec",
+        f"unknown teacher_outputs {mode!r}; valid: {', '.join(TEACHER_OUTPUTS)}",
+        "teacher_outputs",
+    )
+    pool_size = spec.get("pool_size", 8)
+    require(
+        isinstance(pool_size, int) and not isinstance(pool_size, bool) and 1 <= pool_size <= 64,
+        "invalid_spec",
+        f"pool_size must be an integer in [1, 64], got {pool_size!r}",
+        "pool_size",
+    )
+    if not augmentation:
+        require(
+            mode != "pool",
+            "invalid_spec",
+            "teacher_outputs 'pool' holds augmented views: set an augmentation, or use cached",
+            "teacher_outputs",
+        )
+        return mode or "cached", pool_size
+    require(
+        not loss.uses_teachers or loss.teacher_input == "x",
+        "invalid_spec",
+        f"the teachers read {loss.teacher_input!r}, which an augmentation of 'x' does not change; "
+        "consistent teaching needs both to see the same input: drop the augmentation",
+        "augmentation",
+    )
+    require(
+        mode != "cached",
+        "invalid_spec",
+        "cached teacher outputs need unaugmented inputs: use fresh (the teachers score every augmented "
+        "batch) or pool (augmented views scored once)",
+        "teacher_outputs",
+    )
+    require(
+        not (mode == "pool" and loss.teacher_taps),
+        "invalid_spec",
+        "a pool keeps the teachers' logits only and this method matches intermediate features: use fresh",
+        "teacher_outputs",
+    )
+    return mode or "fresh", pool_size
+
+
+def _pool(
+    train: Split, teachers, augmentation, size: int, num_classes: int, config, device, autocast, log
+) -> list[Split]:
+    """The teacher-output pool for this stage: ``size`` augmented, scored copies of the rows."""
+    require(
+        isinstance(train.x, torch.Tensor),
+        "invalid_spec",
+        "a pool needs the training data in memory; this data set is memory-mapped: use fresh",
+        "teacher_outputs",
+    )
+    n, sample = len(train.x), train.x[0].numel() * train.x.element_size()
+    need = pool_bytes(n, sample, num_classes, len(teachers), size)
+    require(
+        need <= POOL_BYTES,
+        "invalid_spec",
+        f"a pool of {size} views of {n} rows needs {need / 2**30:.1f} GiB (limit {POOL_BYTES / 2**30:.0f} GiB): "
+        "lower pool_size or use fresh",
+        "pool_size",
+    )
+    started = time.perf_counter()
+    views = pool_views(
+        train.x, train.y, teachers, [tx.dtype for tx in train.teacher_x], augmentation,
+        size=size, seed=config.seed, device=device, batch_size=config.batch_size,
+        autocast_context=lambda: autocast_for(device, autocast),
+    )  # fmt: skip
+    log(
+        "info",
+        "teacher pool built",
+        views=size,
+        rows=n,
+        bytes=need,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    return [Split(vx, vy, teacher_logits=vl) for vx, vy, vl in views]
+
+
 def _reject_unsupported(spec: dict) -> None:
     """Fail loudly on spec features this engine version does not implement yet, rather than ignore them."""
-    for key, neutral in (
-        ("augmentation", ("none",)),
-        ("teacher_outputs", ("cached", "fresh")),
-        ("recipe", ()),
-    ):
+    for key, neutral in (("recipe", ()),):
         value = spec.get(key)
         if value is not None and value not in neutral:
             raise EngineError(

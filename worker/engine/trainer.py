@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .augment import Pipeline, epoch_generator
 from .callbacks import CallbackList, TrainState
 from .config import require
 from .errors import EngineError
@@ -121,11 +122,19 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.opt
     """
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused)
+        return torch.optim.Adam(
+            params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused
+        )
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused)
+        return torch.optim.AdamW(
+            params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused
+        )
     return torch.optim.SGD(
-        params, lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay, fused=fused
+        params,
+        lr=config.learning_rate,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        fused=fused,
     )
 
 
@@ -269,13 +278,18 @@ def fit(
     resume: dict | None = None,
     checkpoint_extra: dict | None = None,
     autocast: bool | None = None,
+    augmentation: Pipeline | None = None,
+    views: list[Split] | None = None,
 ) -> None:
     """Train ``student`` in place. Sets ``state.cancelled`` if a callback stopped it.
 
     ``val_reference`` holds the (fused) teacher's validation predictions for the
     agreement metric. ``resume`` is a checkpoint dict from ``load_checkpoint``.
     ``checkpoint_extra`` is merged into every checkpoint (the runner's stage bookkeeping).
-    ``autocast``: bf16 autocast of the student forward, None = automatic (``autocast_enabled``).
+    ``autocast``: bf16 autocast of the student and fresh teacher forwards, None = automatic.
+    ``augmentation``: applied to every batch; the teachers then run on the augmented batch.
+    ``views``: a teacher-output pool (``augment.build_pool``): epoch e trains on view e mod K,
+    rows already augmented and scored, so ``augmentation`` is not applied again.
     """
     # ---- setup: optimizer, schedule, state -------------------------------------------------
     params = [p for p in itertools.chain(student.parameters(), loss_fn.parameters()) if p.requires_grad]
@@ -285,9 +299,12 @@ def fit(
     state.steps_per_epoch = steps_per_epoch(n, config.batch_size)
     scheduler = make_scheduler(optimizer, config, total_steps=state.steps_per_epoch * config.epochs)
     state.epoch, state.step_in_epoch, state.global_step, state.history = 0, 0, 0, []
-    use_cache = len(train.teacher_logits) > 0
+    use_cache = len(train.teacher_logits) > 0 or bool(views)
+    augment = augmentation if augmentation and not views else None
     # A loss that distils toward a per-row distribution gets it computed once, for every row.
-    soft_targets = precompute_soft_targets(loss_fn, train, teacher_weights) if use_cache else None
+    soft_targets = (
+        precompute_soft_targets(loss_fn, train, teacher_weights) if use_cache and not views else None
+    )
 
     # ---- resume: continue after the last completed epoch ------------------------------------
     if resume is not None:
@@ -320,12 +337,20 @@ def fit(
             loss_fn.train()
             sums: torch.Tensor | None = None  # [total, *terms], row-weighted, on the device
 
+            split = train
+            if views:  # this epoch's pool view: augmented rows with their teacher outputs
+                split = views[epoch % len(views)]
+                soft_targets = precompute_soft_targets(loss_fn, split, teacher_weights)
+            generator = epoch_generator(config.seed, epoch, device) if augment else None
+
             for step, idx in enumerate(
-                epoch_batches(n, config.batch_size, config.seed, epoch, train.x.device)
+                epoch_batches(n, config.batch_size, config.seed, epoch, split.x.device)
             ):
                 # -- batch: index contiguous tensors (or mapped rows); no DataLoader workers to start
-                xb = fetch(train.x, idx, device)
-                yb = fetch(train.y, idx, device) if train.y is not None else None
+                xb = fetch(split.x, idx, device)
+                yb = fetch(split.y, idx, device) if split.y is not None else None
+                if augment:  # the student's batch; the teachers below score exactly this one
+                    xb, yb = augment(xb, yb, generator)
 
                 # -- teacher targets: the per-run cache, or a fresh frozen forward
                 soft = None
@@ -334,18 +359,19 @@ def fit(
                     teacher_logits = []
                     teacher_features = [
                         {k: fetch(v, idx, device).float() for k, v in f.items()}
-                        for f in train.teacher_features
+                        for f in split.teacher_features
                     ]
                 elif use_cache:
-                    teacher_logits = [fetch(c, idx, device).float() for c in train.teacher_logits]
+                    teacher_logits = [fetch(c, idx, device).float() for c in split.teacher_logits]
                     teacher_features = [
                         {k: fetch(v, idx, device).float() for k, v in f.items()}
-                        for f in train.teacher_features
+                        for f in split.teacher_features
                     ]
                 else:
-                    with torch.inference_mode():
+                    with torch.inference_mode(), autocast_for(device, autocast):
                         fresh = [
-                            t(fetch(tx, idx, device)).float() for t, tx in zip(teachers, train.teacher_x)
+                            t(xb.to(tx.dtype) if augment else fetch(tx, idx, device)).float()
+                            for t, tx in zip(teachers, train.teacher_x)
                         ]
                         fresh_features = [tap.take() for tap in teacher_taps]
                     # Out of inference mode, so the loss may use them in autograd-recorded ops.
