@@ -43,7 +43,7 @@ def _check_config(value: Any, path: str) -> None:
         for key, item in value.items():
             _check_config(item, f"{path}.{key}" if path else key)
     else:
-        raise ValueError(f"config.{path} has an unsupported type")
+        raise ValueError(f"config.{path} has an unsupported type")  # noqa: TRY004 (pydantic reports ValueError)
 
 
 class Architecture(Strict):
@@ -236,7 +236,43 @@ Method = Annotated[
     Field(discriminator="type"),
 ]  # fmt: skip
 TEACHERLESS_METHODS = {"supervised", "self_distill"}
+FEATURE_METHODS = {"feature", "attention", "relation"}
 MULTI_TEACHER_METHODS = {"multi_teacher"}  # every other teacher method takes exactly one teacher
+
+
+class MixupAugmentation(Strict):
+    """mixup (Zhang et al. 2018): rows and labels blended with a shuffled batch, weight ~ Beta(alpha, alpha)."""
+
+    type: Literal["mixup"]
+    alpha: float = Field(default=1.0, gt=0, le=100)
+
+
+class CutmixAugmentation(Strict):
+    """CutMix (Yun et al. 2019): a box (images) or segment (sequences) pasted from a shuffled batch."""
+
+    type: Literal["cutmix"]
+    alpha: float = Field(default=1.0, gt=0, le=100)
+
+
+class NoiseAugmentation(Strict):
+    """Additive Gaussian noise, `std` times the training inputs' standard deviation."""
+
+    type: Literal["noise"]
+    std: float = Field(default=0.1, gt=0, le=10)
+
+
+class ShiftAugmentation(Strict):
+    """A random translation of up to `max_shift` positions per row (sequences: length; images: H and W)."""
+
+    type: Literal["shift"]
+    max_shift: int = Field(default=4, ge=1, le=1024)
+
+
+AugmentationName = Literal["mixup", "cutmix", "noise", "shift"]
+AugmentationStep = Annotated[
+    MixupAugmentation | CutmixAugmentation | NoiseAugmentation | ShiftAugmentation, Field(discriminator="type")
+]
+MIXING_AUGMENTATIONS = {"mixup", "cutmix"}
 
 
 class Hyperparameters(Strict):
@@ -261,6 +297,17 @@ class JobCreate(Strict):
     validation_file: str | None = None
     method: Method
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    augmentation: Literal["none"] | AugmentationName | list[AugmentationName | AugmentationStep] = Field(
+        default="none",
+        description="Applied to every training batch, in order; the teachers score exactly the batch the "
+        "student sees (function matching). The baseline trains with the same augmentation.",
+    )
+    teacher_outputs: Literal["cached", "fresh", "pool"] | None = Field(
+        default=None,
+        description="cached: computed once (unaugmented inputs only); fresh: the teachers run on every batch; "
+        "pool: `pool_size` augmented views scored once and cycled. null: cached, or fresh with an augmentation.",
+    )
+    pool_size: int = Field(default=8, ge=1, le=64, description="Augmented views in a `pool`.")
     metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
 
     @model_validator(mode="after")
@@ -275,6 +322,23 @@ class JobCreate(Strict):
         if self.method.type not in MULTI_TEACHER_METHODS and len(self.teachers) > 1:
             _field_error("teachers", f"method {self.method.type!r} takes one teacher, got {len(self.teachers)}; "
                                      "use multi_teacher for ensembles", self.teachers)  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _augmentation_fits_teacher_outputs(self):
+        augmented = self.augmentation != "none" and self.augmentation != []
+        if augmented and getattr(self.method, "needs_x_teacher", False):
+            _field_error("augmentation", "the teachers read x_teacher, which an augmentation of x does not "
+                                         "change; consistent teaching needs the same input", self.augmentation)  # fmt: skip
+        if augmented and self.teacher_outputs == "cached":
+            _field_error("teacher_outputs", "cached teacher outputs need unaugmented inputs: use fresh or pool",
+                         self.teacher_outputs)  # fmt: skip
+        if not augmented and self.teacher_outputs == "pool":
+            _field_error("teacher_outputs", "a pool holds augmented views: set an augmentation, or use cached",
+                         self.teacher_outputs)  # fmt: skip
+        if self.teacher_outputs == "pool" and self.method.type in FEATURE_METHODS:
+            _field_error("teacher_outputs", f"a pool keeps logits only and {self.method.type!r} matches "
+                                            "intermediate features: use fresh", self.teacher_outputs)  # fmt: skip
         return self
 
 

@@ -227,3 +227,39 @@ def test_cross_modal_data_must_hold_x_teacher_and_labels_follow_alpha(client, id
     dkd = spec(ids, {"type": "dkd"}, [teacher(ids, "mlp", MLP_TEACHER)], train="no_labels")
     r = client.post("/v1/jobs", json=dkd)  # dkd always needs labels, whatever alpha is
     assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "train_file"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "mode"),
+    [
+        ({"augmentation": "mixup"}, "fresh"),
+        ({"augmentation": ["shift", {"type": "mixup", "alpha": 0.5}], "teacher_outputs": "pool", "pool_size": 2},
+         "pool"),
+    ],
+)  # fmt: skip
+def test_function_matching_job_reports_its_augmentation_and_a_same_augmentation_baseline(client, ids, extra, mode):
+    body = spec(ids, {"type": "kd", "temperature": 1.0, "alpha": 1.0}, [teacher(ids, "mlp", MLP_TEACHER)])
+    body["hyperparameters"]["baseline"] = True
+    job = run_job(client, {**body, **extra})
+    metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()["summary"]
+    assert metrics["teacher_outputs"] == mode
+    assert [step["type"] for step in metrics["augmentation"]] == (["mixup"] if mode == "fresh" else ["shift", "mixup"])
+    assert metrics["baseline_accuracy"] is not None and metrics["kd_gain"] is not None
+    assert artifact_names(client, job) == CORE
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"augmentation": "mixup", "teacher_outputs": "cached"}, "teacher_outputs"),
+        ({"teacher_outputs": "pool"}, "teacher_outputs"),
+        ({"augmentation": "blur"}, "augmentation"),
+        ({"augmentation": [{"type": "noise", "std": 0}]}, "augmentation"),
+        ({"augmentation": "mixup", "pool_size": 0}, "pool_size"),
+    ],
+)
+def test_inconsistent_augmentation_settings_are_422_naming_the_field(client, ids, extra, field):
+    body = spec(ids, {"type": "kd"}, [teacher(ids, "mlp", MLP_TEACHER)])
+    r = client.post("/v1/jobs", json={**body, **extra})
+    assert r.status_code == 422, r.text
+    assert any(e["loc"][:2] == ["body", field] for e in r.json()["errors"]), r.json()
