@@ -91,7 +91,17 @@ class MethodBase(Strict):
     def needs_labels(self) -> bool:
         """Whether the data must hold labels `y`; only teacher-alone distillation (alpha = 1) does without."""
         alpha = getattr(self, "alpha", None)
-        return alpha is None or alpha < 1.0
+        return alpha is None or alpha == "auto" or alpha < 1.0
+
+
+Temperature = Annotated[
+    Annotated[float, Field(gt=0, le=100)] | Literal["auto"],
+    Field(description='Softening temperature T; "auto" chooses it on the validation split (recipe search).'),
+]
+KDAlpha = Annotated[
+    Annotated[float, Field(ge=0, le=1)] | Literal["auto"],
+    Field(description='Weight of the distillation term (1 - alpha goes to label CE); "auto" chooses it.'),
+]
 
 
 class FeaturePair(Strict):
@@ -115,8 +125,8 @@ class KDMethod(MethodBase):
     """Hinton et al. 2015: (1-alpha)*CE + alpha*T^2*KL(p_teacher || p_student)."""
 
     type: Literal["kd"]
-    temperature: float = Field(default=4.0, gt=0, le=100)
-    alpha: float = Field(default=0.5, ge=0, le=1)
+    temperature: Temperature = 4.0
+    alpha: KDAlpha = 0.5
 
 
 class DKDMethod(MethodBase):
@@ -126,7 +136,7 @@ class DKDMethod(MethodBase):
     type: Literal["dkd"]
     alpha: float = Field(default=1.0, ge=0, le=100, description="Weight of the target-class term TCKD.")
     beta: float = Field(default=8.0, ge=0, le=100, description="Weight of the non-target-class term NCKD.")
-    temperature: float = Field(default=4.0, gt=0, le=100)
+    temperature: Temperature = 4.0
     warmup_epochs: int = Field(default=5, ge=0, le=10_000, description="Epochs of linear ramp-up (0 = none).")
     ce_weight: float = Field(default=1.0, ge=0, le=100, description="Weight of label cross-entropy.")
 
@@ -141,11 +151,11 @@ class MultiTeacherMethod(MethodBase):
 
     type: Literal["multi_teacher"]
     fusion: Literal["mean", "weighted", "confidence"] = "mean"
-    temperature: float = Field(default=4.0, gt=0, le=100)
-    alpha: float = Field(default=0.5, ge=0, le=1)
+    temperature: Temperature = 4.0
+    alpha: KDAlpha = 0.5
 
     def needs_labels(self) -> bool:
-        return self.alpha < 1.0 or self.fusion == "confidence"
+        return self.alpha == "auto" or self.alpha < 1.0 or self.fusion == "confidence"
 
 
 class FeatureMethod(MethodBase):
@@ -155,8 +165,8 @@ class FeatureMethod(MethodBase):
     type: Literal["feature"]
     pairs: list[FeaturePair] = Field(default_factory=_embedding_pair, min_length=1, max_length=16)
     beta: float = Field(default=1.0, ge=0, le=1e6, description="Weight of the hint term.")
-    temperature: float = Field(default=4.0, gt=0, le=100)
-    alpha: float = Field(default=0.5, ge=0, le=1)
+    temperature: Temperature = 4.0
+    alpha: KDAlpha = 0.5
 
 
 class AttentionMethod(MethodBase):
@@ -166,8 +176,8 @@ class AttentionMethod(MethodBase):
     type: Literal["attention"]
     pairs: list[FeaturePair] = Field(min_length=1, max_length=16, description="Module paths to match.")
     beta: float = Field(default=1000.0, ge=0, le=1e6)
-    temperature: float = Field(default=4.0, gt=0, le=100)
-    alpha: float = Field(default=0.5, ge=0, le=1)
+    temperature: Temperature = 4.0
+    alpha: KDAlpha = 0.5
 
 
 class RelationMethod(MethodBase):
@@ -178,8 +188,8 @@ class RelationMethod(MethodBase):
     pairs: list[FeaturePair] = Field(default_factory=_embedding_pair, min_length=1, max_length=16)
     distance_weight: float = Field(default=25.0, ge=0, le=1e6)
     angle_weight: float = Field(default=50.0, ge=0, le=1e6)
-    temperature: float = Field(default=4.0, gt=0, le=100)
-    alpha: float = Field(default=0.5, ge=0, le=1)
+    temperature: Temperature = 4.0
+    alpha: KDAlpha = 0.5
 
 
 class SelfDistillMethod(MethodBase):
@@ -190,8 +200,8 @@ class SelfDistillMethod(MethodBase):
     exits: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
         default=None, max_length=16, description="Student module paths; null = the architecture's stages."
     )
-    temperature: float = Field(default=3.0, gt=0, le=100)
-    alpha: float = Field(default=0.5, ge=0, le=1, description="Per exit: (1-alpha)*CE + alpha*T^2*KL; "
+    temperature: Temperature = 3.0
+    alpha: KDAlpha = Field(default=0.5, description="Per exit: (1-alpha)*CE + alpha*T^2*KL; "
                                                               "also the born-again KD weight.")  # fmt: skip
     feature_weight: float = Field(default=0.1, ge=0, le=1e6)
     generations: int = Field(default=1, ge=1, le=10, description="Born-again generations (1 = none).")
@@ -206,8 +216,8 @@ class QuantizationMethod(MethodBase):
 
     type: Literal["quantization"]
     bits: Literal[4, 8] = 8
-    temperature: float = Field(default=4.0, gt=0, le=100)
-    alpha: float = Field(default=0.5, ge=0, le=1)
+    temperature: Temperature = 4.0
+    alpha: KDAlpha = 0.5
 
 
 class CrossModalMethod(MethodBase):
@@ -216,8 +226,8 @@ class CrossModalMethod(MethodBase):
 
     type: Literal["cross_modal"]
     needs_x_teacher: ClassVar[bool] = True
-    temperature: float = Field(default=4.0, gt=0, le=100)
-    alpha: float = Field(default=1.0, ge=0, le=1)
+    temperature: Temperature = 4.0
+    alpha: KDAlpha = 1.0
 
 
 class TeacherAssistantMethod(MethodBase):
@@ -225,8 +235,8 @@ class TeacherAssistantMethod(MethodBase):
 
     type: Literal["teacher_assistant"]
     assistants: list[Architecture] = Field(min_length=1, max_length=8, description="Largest first.")
-    temperature: float = Field(default=4.0, gt=0, le=100)
-    alpha: float = Field(default=0.5, ge=0, le=1)
+    temperature: Temperature = 4.0
+    alpha: KDAlpha = 0.5
     assistant_epochs: int | None = Field(default=None, ge=1, le=10_000, description="null = `epochs`.")
 
 
@@ -308,6 +318,14 @@ class JobCreate(Strict):
         "pool: `pool_size` augmented views scored once and cycled. null: cached, or fresh with an augmentation.",
     )
     pool_size: int = Field(default=8, ge=1, le=64, description="Augmented views in a `pool`.")
+    recipe: Literal["auto"] | None = Field(
+        default=None,
+        description='"auto": probe runs on the validation split choose temperature, alpha and augmentation '
+        "(successive halving within recipe_budget); a same-budget baseline is trained and the better model ships.",
+    )
+    recipe_budget: float = Field(
+        default=0.5, gt=0, le=4, description="Probe cost limit, as a multiple of `epochs` full-data epochs."
+    )
     metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
 
     @model_validator(mode="after")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.engine import EngineError, RunInputs, TeacherInput, build_model, run_distillation
+from worker.engine import EngineError, RunInputs, TeacherInput, build_model, recipe, run_distillation
 from worker.engine.augment import epoch_generator, parse_augmentation, pool_views
 from worker.engine.callbacks import CallbackList, TrainState
 from worker.engine.methods import parse_method
@@ -194,3 +194,77 @@ def test_inconsistent_teacher_output_settings_fail_naming_the_field(tiny, tmp_pa
     with pytest.raises(EngineError) as err:
         run(tiny, tmp_path, method, **extra)
     assert err.value.code == "invalid_spec" and err.value.param == param
+
+
+# --------------------------------------------------------------------------- recipe search
+
+
+def test_successive_halving_keeps_the_better_half_and_stays_within_budget():
+    pool = [recipe.Candidate({"method.temperature": t}) for t in (1.0, 2.0, 4.0, 8.0, 16.0)]
+    quality = {1.0: 0.2, 2.0: 0.9, 4.0: 0.7, 8.0: 0.5, 16.0: 0.1}
+    calls = []
+
+    def probe(cand, epochs, rows):
+        calls.append((cand.overrides["method.temperature"], epochs, rows))
+        return (
+            quality[cand.overrides["method.temperature"]] + 0.01 * epochs * rows
+        )  # longer probes score higher
+
+    chosen, spent = recipe.successive_halving(
+        pool, budget=6.0, epochs_cap=10, probe=probe, log=lambda *a, **k: None
+    )
+    assert chosen.overrides == {"method.temperature": 2.0}
+    assert spent <= 6.0 + 1e-9
+    rounds = [len(c.rounds) for c in pool]
+    assert rounds == [1, 3, 3, 2, 1]  # 5 → 3 → 2 → 1 over ⌈log2 5⌉ = 3 rounds
+    assert sum(e * r for _, e, r in calls) == pytest.approx(spent)
+
+
+def test_auto_alpha_is_refused_where_alpha_is_not_the_kd_mix():
+    with pytest.raises(EngineError) as err:
+        recipe.searched({"method": {"type": "dkd", "alpha": "auto"}})
+    assert err.value.param == "method.alpha"
+    grid = recipe.searched({"method": {"type": "kd", "temperature": "auto"}})
+    assert grid == {"method.temperature": recipe.TEMPERATURES}
+    assert recipe.searched({"method": {"type": "kd"}, "recipe": "auto"}, has_labels=False)[
+        "method.alpha"
+    ] == (1.0,)
+
+
+def test_recipe_auto_chooses_within_budget_and_reports_every_probe(tiny, tmp_path):
+    result = run(tiny, tmp_path, recipe="auto", recipe_budget=1.0)
+    report = result.summary["recipe"]
+    assert set(report["searched"]) == {"method.temperature", "method.alpha", "augmentation"}
+    assert len(report["candidates"]) == 16
+    assert 0 < report["spent_epochs"] <= report["budget_epochs"] == 2.0
+    finalists = [
+        c
+        for c in report["candidates"]
+        if len(c["rounds"]) == max(len(x["rounds"]) for x in report["candidates"])
+    ]
+    assert report["chosen"] in [c["settings"] for c in finalists]
+    assert result.summary["baseline_accuracy"] is not None
+    assert report["shipped"] in ("student", "baseline")
+    assert result.summary["val_accuracy"] >= result.summary["baseline_accuracy"]
+
+
+def test_when_no_distillation_setting_wins_the_baseline_ships_and_the_job_says_so(tiny, tmp_path):
+    """A teacher that was never trained: teacher-alone KD from it loses to the baseline at every temperature."""
+    result = run(tiny, tmp_path, {"type": "kd", "temperature": "auto", "alpha": 1.0})
+    report = result.summary["recipe"]
+    assert report["shipped"] == "baseline"
+    assert result.summary["val_accuracy"] == result.summary["baseline_accuracy"]
+    assert report["distilled_val_accuracy"] < result.summary["baseline_accuracy"]
+    # The exported weights are the baseline's: they score its accuracy on the validation rows.
+    folder, _ = tiny
+    val = np.load(folder / "val.npz")
+    model = build_model({"name": "mlp", "config": {"hidden_sizes": [8]}}, (12,), 3)
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(result.artifacts["model.safetensors"]))
+    model.eval()
+    with torch.no_grad():
+        acc = float(
+            (model(torch.from_numpy(val["x"])).argmax(1) == torch.from_numpy(val["y"])).float().mean()
+        )
+    assert acc == pytest.approx(result.summary["baseline_accuracy"], abs=1e-6)

@@ -263,3 +263,25 @@ def test_inconsistent_augmentation_settings_are_422_naming_the_field(client, ids
     r = client.post("/v1/jobs", json={**body, **extra})
     assert r.status_code == 422, r.text
     assert any(e["loc"][:2] == ["body", field] for e in r.json()["errors"]), r.json()
+
+
+def test_recipe_auto_job_reports_its_search_and_ships_the_better_model(client, ids):
+    body = spec(ids, {"type": "kd", "temperature": "auto"}, [teacher(ids, "mlp", MLP_TEACHER)], epochs=2)
+    job = run_job(client, {**body, "recipe_budget": 1.0})
+    summary = client.get(f"/v1/jobs/{job['id']}/metrics").json()["summary"]
+    report = summary["recipe"]
+    assert report["searched"] == ["method.temperature"] and len(report["candidates"]) == 4
+    assert report["spent_epochs"] <= report["budget_epochs"]
+    assert report["shipped"] in ("student", "baseline")
+    assert summary["val_accuracy"] >= summary["baseline_accuracy"]
+    events = client.get(f"/v1/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+    assert any(e["message"] == "recipe probe" for e in events)
+    assert any(e["message"] == "recipe chosen" for e in events)
+
+
+def test_auto_where_the_method_has_no_such_setting_is_422(client, ids):
+    body = spec(ids, {"type": "dkd", "alpha": "auto"}, [teacher(ids, "mlp", MLP_TEACHER)])
+    assert client.post("/v1/jobs", json=body).status_code == 422
+    body = spec(ids, {"type": "kd"}, [teacher(ids, "mlp", MLP_TEACHER)])
+    r = client.post("/v1/jobs", json={**body, "recipe": "manual"})
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"][:2] == ["body", "recipe"]

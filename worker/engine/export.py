@@ -165,6 +165,9 @@ def write_model_card(
         lines.append(f"| method.{k} | `{json.dumps(v)}` |")
     for k, v in hp.items():
         lines.append(f"| {k} | `{json.dumps(v)}` |")
+    lines.append(f"| augmentation | `{json.dumps(s.get('augmentation') or 'none')}` |")
+    if s.get("teacher_outputs"):
+        lines.append(f"| teacher_outputs | `{s['teacher_outputs']}` |")
 
     lines += [
         "",
@@ -206,6 +209,23 @@ def write_model_card(
             )
         )
 
+    recipe = s.get("recipe")
+    if recipe:
+        lines += [
+            "",
+            "## Recipe search",
+            "",
+            (
+                f"Searched {', '.join(f'`{k}`' for k in recipe['searched']) or 'nothing'} by successive halving on the "
+                f"validation split: {recipe['spent_epochs']:g} of {recipe['budget_epochs']:g} full-data epochs spent on "
+                f"{len(recipe['candidates'])} candidates. Chosen: `{json.dumps(recipe['chosen'])}`."
+            ),
+        ]
+        if recipe.get("shipped") == "baseline":
+            lines.append(
+                f"No distillation setting beat the same-budget baseline (distilled student "
+                f"{_pct(recipe.get('distilled_val_accuracy'))}), so **the shipped model is the baseline**."
+            )
     if s.get("stages"):
         lines += [
             "",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import recipe
 from .architectures import build_model, count_parameters, describe
 from .augment import POOL_BYTES, TEACHER_OUTPUTS, Pipeline, parse_augmentation, pool_bytes, pool_views
 from .callbacks import Callback, CallbackList, TrainState
@@ -81,6 +83,14 @@ class RunInputs:
     num_threads: int | None = None
     # safetensors data files larger than this many bytes are memory-mapped, not loaded; None = 1 GiB.
     data_memory_budget: int | None = None
+    # Recipe search (recipe.py) sets these three; a plain job leaves them alone.
+    probe_rows: float | None = (
+        None  # a probe: train on this fraction of the rows, then stop (no baseline, export)
+    )
+    progress_window: tuple[float, float] = (0.0, 1.0)  # (start, span) of this run in the job's 0..1 progress
+    recipe_report: dict | None = (
+        None  # the search's report: ship the better of student and baseline, record it
+    )
 
 
 @dataclass
@@ -132,15 +142,97 @@ def _empty_summary(job_id: str, method: str | None, device: str) -> dict:
 def run_distillation(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
     """Run one job. Raises ``EngineError`` for user-fixable failures."""
     if inputs.num_threads is None:
-        return _run(inputs, callbacks)
+        return _search_and_run(inputs, callbacks)
     if inputs.num_threads < 1:
         raise ValueError(f"num_threads must be >= 1 or None, got {inputs.num_threads}")
     before = torch.get_num_threads()
     torch.set_num_threads(inputs.num_threads)
     try:
-        return _run(inputs, callbacks)
+        return _search_and_run(inputs, callbacks)
     finally:
         torch.set_num_threads(before)
+
+
+def _search_and_run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
+    """The job, after a recipe search when the spec asks for one (``recipe.py``)."""
+    spec = inputs.spec if isinstance(inputs.spec, dict) else {}
+    if not recipe.searched(spec) and spec.get("recipe") != "auto":
+        return _run(inputs, callbacks)
+    config = parse_config(
+        TrainConfig, spec.get("hyperparameters"), code="invalid_spec", prefix="hyperparameters"
+    )
+    raw_budget = spec.get("recipe_budget", 0.5)
+    require(
+        isinstance(raw_budget, (int, float)) and not isinstance(raw_budget, bool) and 0 < raw_budget <= 4,
+        "invalid_spec",
+        f"recipe_budget must be a number in (0, 4], got {raw_budget!r}",
+        "recipe_budget",
+    )
+    x, y, _ = load_dataset(inputs.train_data, inputs.cache_dir, inputs.data_memory_budget)
+    pool = recipe.candidates(spec, floating_inputs=x.dtype.kind != "i", has_labels=y is not None)
+    del x, y
+    budget = max(1.0, raw_budget * config.epochs)
+    # The job's progress: probes first, then the student and its baseline (2 × epochs).
+    probe_share = budget / (budget + 2 * config.epochs) if pool else 0.0
+    cbs = CallbackList(callbacks)
+    spent_so_far = [0.0]
+
+    def probe(cand: recipe.Candidate, epochs: int, rows: float) -> float | None:
+        pspec = recipe.apply(spec, cand.overrides)
+        pspec["hyperparameters"] = {
+            **(spec.get("hyperparameters") or {}),
+            "epochs": epochs,
+            "baseline": False,
+        }
+        start = probe_share * spent_so_far[0] / budget
+        spent_so_far[0] += epochs * rows
+        result = _run(
+            dataclasses.replace(
+                inputs, spec=pspec, probe_rows=rows, resume_from=None,
+                output_dir=Path(inputs.output_dir) / "probes", progress_window=(start, probe_share * epochs * rows / budget),
+            ),
+            callbacks,
+        )  # fmt: skip
+        if result.status == "cancelled":
+            raise _Cancelled(result)
+        return result.summary["val_accuracy"]
+
+    def log(level, message, **data):
+        cbs.on_log(TrainState(job_id=inputs.job_id, phase="recipe"), level, message, data)
+
+    try:
+        if pool:
+            chosen, spent = recipe.successive_halving(
+                pool, budget=budget, epochs_cap=config.epochs, probe=probe, log=log
+            )
+        else:
+            chosen, spent = recipe.Candidate({}), 0.0
+    except _Cancelled as stop:
+        return stop.result
+    final_spec = recipe.apply(spec, chosen.overrides)
+    final_spec["hyperparameters"] = {**(spec.get("hyperparameters") or {}), "baseline": True}
+    report = {
+        "searched": sorted({k for c in pool for k in c.overrides}),
+        "budget_epochs": budget,
+        "spent_epochs": round(spent, 4),
+        "chosen": chosen.overrides,
+        "candidates": [{"settings": c.overrides, "rounds": c.rounds} for c in pool],
+    }
+    log(
+        "info", "recipe chosen", settings=chosen.overrides, spent_epochs=report["spent_epochs"], budget=budget
+    )
+    return _run(
+        dataclasses.replace(
+            inputs, spec=final_spec, progress_window=(probe_share, 1.0 - probe_share), recipe_report=report
+        ),
+        callbacks,
+    )
+
+
+class _Cancelled(Exception):
+    def __init__(self, result: RunResult):
+        super().__init__("cancelled during the recipe search")
+        self.result = result
 
 
 def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
@@ -153,6 +245,8 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
     method_type = (spec.get("method") or {}).get("type") if isinstance(spec.get("method"), dict) else None
     summary = _empty_summary(inputs.job_id, method_type, str(device))
     autocast = autocast_enabled(device, inputs.autocast)
+    probing = inputs.probe_rows is not None
+    window_start, window_span = inputs.progress_window
     spill_dir = Path(inputs.cache_dir) if inputs.cache_dir is not None else out_dir
     phases: dict[str, float] = summary["phases"]
 
@@ -177,7 +271,6 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
         config = parse_config(
             TrainConfig, spec.get("hyperparameters"), code="invalid_spec", prefix="hyperparameters"
         )
-        _reject_unsupported(spec)
         student_arch = (spec.get("student") or {}).get("architecture")
         summary["epochs"] = config.epochs
 
@@ -198,6 +291,15 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
                 extras = {**extras, "x_teacher": take_rows(extras["x_teacher"], train_idx)}
             validation_label = f"{config.validation_fraction:g} of train, seed {config.seed}"
         num_classes = _num_classes(y, yv, inputs.teachers)
+        if inputs.probe_rows is not None and inputs.probe_rows < 1.0:
+            keep = np.sort(
+                np.random.default_rng(config.seed).permutation(len(x))[
+                    : _probe_rows(len(x), inputs.probe_rows)
+                ]
+            )
+            x, y = take_rows(x, keep), take_rows(y, keep)
+            if "x_teacher" in extras:
+                extras = {**extras, "x_teacher": take_rows(extras["x_teacher"], keep)}
 
         loss_fn = parse_method(spec.get("method"), num_classes=num_classes, num_teachers=len(inputs.teachers))
         if loss_fn.requires_labels and (y is None or yv is None):
@@ -371,9 +473,9 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
                 )
 
         with phase("train"):
-            state.phase = "train" if final else _phase_name(stage.name)
-            state.progress_start = done_epochs / total_epochs
-            state.progress_span = stage_config.epochs / total_epochs
+            state.phase = "recipe" if probing else "train" if final else _phase_name(stage.name)
+            state.progress_start = window_start + window_span * done_epochs / total_epochs
+            state.progress_span = window_span * stage_config.epochs / total_epochs
             fit(
                 student=model,
                 loss_fn=loss,
@@ -386,7 +488,7 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
                 state=state,
                 callbacks=cbs,
                 device=device,
-                checkpoint_path=out_dir / "checkpoint.pt",
+                checkpoint_path=None if probing else out_dir / "checkpoint.pt",
                 resume=stage_resume,
                 checkpoint_extra={"stage": i, "stages": completed},
                 autocast=autocast,
@@ -420,6 +522,8 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
     if len(stage_results) > 1:
         summary["stages"] = [{k: v for k, v in r.items() if k != "history"} for r in stage_results]
     log("info", "training finished", epochs=state.epoch, val_accuracy=summary["val_accuracy"])
+    if probing:
+        return RunResult("succeeded", {}, summary)
 
     # ---- baseline: the same student, supervised, same budget and seed -------------------------
     baseline_history: list[dict] = []
@@ -430,8 +534,8 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
                 student_arch, x.shape[1:], num_classes, param_prefix="student.architecture"
             ).to(device)
             base_loss = SupervisedLoss(SupervisedConfig(), num_classes=num_classes, num_teachers=0).to(device)
-            state.progress_start = done_epochs / total_epochs
-            state.progress_span = baseline_epochs / total_epochs
+            state.progress_start = window_start + window_span * done_epochs / total_epochs
+            state.progress_span = window_span * baseline_epochs / total_epochs
             fit(
                 student=base,
                 loss_fn=base_loss,
@@ -454,6 +558,20 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
         log(
             "info", "baseline finished", val_accuracy=summary["baseline_accuracy"], kd_gain=summary["kd_gain"]
         )
+    if inputs.recipe_report is not None:
+        summary["recipe"] = dict(inputs.recipe_report, shipped="student")
+        if (summary["baseline_accuracy"] or 0.0) > (summary["val_accuracy"] or 0.0):
+            # No distillation setting beat the same-budget baseline: ship the better model and say so.
+            student, final_loss = base, base_loss
+            summary["recipe"].update(shipped="baseline", distilled_val_accuracy=summary["val_accuracy"])
+            summary["val_accuracy"] = summary["baseline_accuracy"]
+            summary["method_metrics"] = {}
+            log(
+                "warning",
+                "no distillation setting beat the same-budget baseline on validation; the baseline is shipped",
+                student=summary["val_accuracy"],
+                baseline=summary["baseline_accuracy"],
+            )
 
     # ---- evaluate: final agreement per teacher, sizes, CPU latency ----------------------------
     with phase("evaluate"):
@@ -770,14 +888,9 @@ def _pool(
     return [Split(vx, vy, teacher_logits=vl) for vx, vy, vl in views]
 
 
-def _reject_unsupported(spec: dict) -> None:
-    """Fail loudly on spec features this engine version does not implement yet, rather than ignore them."""
-    for key, neutral in (("recipe", ()),):
-        value = spec.get(key)
-        if value is not None and value not in neutral:
-            raise EngineError(
-                "invalid_spec", f"{key}={value!r} is not supported by this engine version", param=key
-            )
+def _probe_rows(n: int, fraction: float) -> int:
+    """Rows a probe trains on: the fraction, but at least 256 (a few batches) and at most all."""
+    return min(n, max(256, math.ceil(fraction * n)))
 
 
 def _check_validation_matches(x, extras, xv, extras_v) -> None:
