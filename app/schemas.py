@@ -250,18 +250,20 @@ FEATURE_METHODS = {"feature", "attention", "relation"}
 MULTI_TEACHER_METHODS = {"multi_teacher"}  # every other teacher method takes exactly one teacher
 
 
-class MixupAugmentation(Strict):
-    """mixup (Zhang et al. 2018): rows and labels blended with a shuffled batch, weight ~ Beta(alpha, alpha)."""
+class MixingAugmentation(Strict):
+    alpha: float = Field(default=1.0, gt=0, le=100, description="The mixing weight is drawn from Beta(alpha, alpha).")
+
+
+class MixupAugmentation(MixingAugmentation):
+    """mixup (Zhang et al. 2018): rows and labels blended with a shuffled batch."""
 
     type: Literal["mixup"]
-    alpha: float = Field(default=1.0, gt=0, le=100)
 
 
-class CutmixAugmentation(Strict):
+class CutmixAugmentation(MixingAugmentation):
     """CutMix (Yun et al. 2019): a box (images) or segment (sequences) pasted from a shuffled batch."""
 
     type: Literal["cutmix"]
-    alpha: float = Field(default=1.0, gt=0, le=100)
 
 
 class NoiseAugmentation(Strict):
