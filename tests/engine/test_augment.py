@@ -4,6 +4,7 @@ student's exact batch, that a pool is deterministic, and that bad combinations f
 from __future__ import annotations
 
 import contextlib
+import json
 
 import numpy as np
 import pytest
@@ -271,3 +272,39 @@ def test_when_no_distillation_setting_wins_the_baseline_ships_and_the_job_says_s
             (model(torch.from_numpy(val["x"])).argmax(1) == torch.from_numpy(val["y"])).float().mean()
         )
     assert acc == pytest.approx(result.summary["baseline_accuracy"], abs=1e-6)
+
+
+def test_a_search_that_changed_the_augmentation_also_beats_the_users_own_settings(tiny, tmp_path):
+    """The search picked mixup for a job the user sent without augmentation: the final run trains the
+    mixup baseline (the KD-gain yardstick) and the user's own no-augmentation baseline, and ships the best."""
+    from worker.engine import run as run_module
+
+    folder, teacher = tiny
+    report = {"searched": ["augmentation"], "budget_epochs": 1.0, "spent_epochs": 1.0,
+              "chosen": {"augmentation": "mixup"}, "candidates": [], "own_augmentation": None}  # fmt: skip
+    spec = {
+        "teachers": [{}],
+        "student": {"architecture": {"name": "mlp", "config": {"hidden_sizes": [8]}}},
+        # An untrained teacher and no hard labels: the distilled student loses to both baselines.
+        "method": {"type": "kd", "temperature": 4.0, "alpha": 1.0},
+        "hyperparameters": {"epochs": 2, "batch_size": 64, "baseline": True},
+        "augmentation": "mixup",
+    }
+    inputs = RunInputs(job_id="own", spec=spec, teachers=[teacher], train_data=str(folder / "train.npz"),
+                       validation_data=str(folder / "val.npz"), output_dir=tmp_path / "out",
+                       recipe_report=report)  # fmt: skip
+    events = []
+
+    class Log(run_module.Callback):
+        def on_log(self, state, level, message, data):
+            events.append(message)
+
+    result = run_module._run(inputs, [Log()])
+    s = result.summary
+    assert "own-settings baseline finished" in events and "baseline finished" in events
+    baselines = {"baseline": s["baseline_accuracy"], "own-settings baseline": s["own_settings_baseline_accuracy"]}
+    assert s["val_accuracy"] == max(s["recipe"]["distilled_val_accuracy"], *baselines.values())
+    assert s["recipe"]["shipped"] == max(baselines, key=baselines.get)
+    assert "own_augmentation" not in s["recipe"]
+    history = json.loads(result.artifacts["metrics.json"].read_text())["history"]
+    assert history  # the distilled student's own curve is kept even when a baseline ships

@@ -221,10 +221,15 @@ def write_model_card(
                 f"{len(recipe['candidates'])} candidates. Chosen: `{json.dumps(recipe['chosen'])}`."
             ),
         ]
-        if recipe.get("shipped") == "baseline":
+        if s.get("own_settings_baseline_accuracy") is not None:
             lines.append(
-                f"No distillation setting beat the same-budget baseline (distilled student "
-                f"{_pct(recipe.get('distilled_val_accuracy'))}), so **the shipped model is the baseline**."
+                f"The search changed the augmentation, so a second same-budget baseline kept the job's own "
+                f"augmentation: {_pct(s['own_settings_baseline_accuracy'])}."
+            )
+        if recipe.get("shipped", "student") != "student":
+            lines.append(
+                f"No distillation setting beat the same-budget {recipe['shipped']} (distilled student "
+                f"{_pct(recipe.get('distilled_val_accuracy'))}), so **the shipped model is the {recipe['shipped']}**."
             )
     if s.get("stages"):
         lines += [
