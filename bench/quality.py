@@ -61,6 +61,7 @@ from worker.engine import RunInputs, TeacherInput, load_dataset, run_distillatio
 ROOT = Path(__file__).resolve().parent.parent
 OUT_JSON = ROOT / "docs" / "bench" / "quality.json"
 OUT_MD = ROOT / "docs" / "benchmarks.md"
+RECIPES_JSON = ROOT / "docs" / "bench" / "recipes.json"
 METHODS = ["kd", "dkd", "multi_teacher", "feature", "attention", "relation", "self_distill", "quantization",
            "cross_modal", "teacher_assistant"]  # fmt: skip
 
@@ -564,6 +565,10 @@ def markdown(report: dict, setups_: list[Setup]) -> str:
             )
     else:
         out.append("None: every method ran to `succeeded` on every seed.")
+    if RECIPES_JSON.exists():  # bench/recipes.py's rows: function matching, teacher outputs, recipe: auto
+        from bench.recipes import markdown as recipes_markdown
+
+        out += ["", recipes_markdown(json.loads(RECIPES_JSON.read_text())).rstrip("\n")]
     return "\n".join(out) + "\n"
 
 
