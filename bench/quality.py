@@ -171,8 +171,8 @@ def setups(quick: bool) -> list[Setup]:
         learning_rate=3e-3,
         # RKD's angle term costs O(B³·D) per step: on the default embeddings (128 rows, the teacher's
         # 640-wide embedding) it measured 21 s an epoch on one core (kd: 0.35 s), 21 min a run at 60 epochs;
-        # angle_weight 0 measured the same (the term is computed anyway). On the logits (head ↔ head,
-        # 10 wide) 2.1 s an epoch.
+        # (angle_weight 0 then measured the same; the engine now skips zero-weight terms). On the logits
+        # (head ↔ head, 10 wide) 2.1 s an epoch.
         rows=method_rows(
             CNN_PAIRS,
             {"name": "cnn1d", "config": {"channels": 16}},
@@ -191,8 +191,8 @@ def setups(quick: bool) -> list[Setup]:
         "but on the logits (`head` ↔ `head`) rather than the default penultimate embeddings, because RKD's "
         "angle term costs O(B³·D) a step: on the default embeddings (the teacher's is 640 wide) it measured "
         "21 s an epoch on one core against 0.35 s for `kd`, i.e. 21 min a run and over an hour for three seeds, "
-        "against 2.1 s an epoch on the logits (and a zero `angle_weight` measured the same 21 s: the term is "
-        "computed and multiplied by 0, so RKD-D alone is no cheaper); `self_distill` with the default exit (the first "
+        "against 2.1 s an epoch on the logits (a zero `angle_weight` measured the same 21 s in this run; the "
+        "engine has since skipped zero-weight terms, so RKD-D alone pays only for its O(B²·D) distances); `self_distill` with the default exit (the first "
         "hidden layer, `net.1`), T = 3; `quantization` 8-bit; `teacher_assistant` with one assistant, a "
         "`cnn1d` of 16 channels trained 20 epochs (`assistant_epochs`), then the student; `cross_modal` with "
         "α = 1, i.e. without labels; `attention` with β = 100 (docs/engine.md advises 10–100 on small maps; "

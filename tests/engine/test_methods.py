@@ -354,6 +354,20 @@ def test_rkd_is_zero_for_identical_embeddings_and_invariant_to_scale():
     assert total.item() == pytest.approx(25 * terms["distance"].item() + 50 * terms["angle"].item(), rel=1e-5)
 
 
+def test_rkd_skips_a_term_whose_weight_is_zero(monkeypatch):
+    """RKD-D alone must not pay for the O(B³·D) angle potentials."""
+    from worker.engine import methods_features
+
+    calls = []
+    monkeypatch.setattr(methods_features, "rkd_angles", lambda e: calls.append(e) or rkd_angles(e))
+    e, other = torch.randn(8, 5), torch.randn(8, 5)
+    total, terms = _relation_terms(e, other, angle_weight=0.0)
+    assert calls == [] and terms["angle"].item() == 0.0 and terms["distance"].item() > 0
+    assert total.item() == pytest.approx(25 * terms["distance"].item(), rel=1e-5)
+    _relation_terms(e, other)
+    assert len(calls) == 2  # student and teacher, with the default weights
+
+
 def test_rkd_gradients_reach_the_student_embedding():
     e = torch.randn(6, 4, requires_grad=True)
     _, terms = _relation_terms(e, torch.randn(6, 4))

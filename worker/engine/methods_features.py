@@ -277,7 +277,10 @@ class RelationLoss(PairedFeatureLoss):
         dist = angle = batch.student_logits.new_zeros(())
         for fs, ft in self.feature_pairs(batch):
             fs, ft = fs.flatten(1), ft.flatten(1)
-            dist = dist + F.smooth_l1_loss(rkd_distances(fs), rkd_distances(ft))
-            angle = angle + F.smooth_l1_loss(rkd_angles(fs), rkd_angles(ft))
+            # A zero weight skips its term: the angle term costs O(B³·D) a step, RKD-D alone far less.
+            if c.distance_weight:
+                dist = dist + F.smooth_l1_loss(rkd_distances(fs), rkd_distances(ft))
+            if c.angle_weight:
+                angle = angle + F.smooth_l1_loss(rkd_angles(fs), rkd_angles(ft))
         terms["distance"], terms["angle"] = dist, angle
         return total + c.distance_weight * dist + c.angle_weight * angle, terms
