@@ -248,8 +248,12 @@ def test_recipe_auto_chooses_within_budget_and_reports_every_probe(tiny, tmp_pat
     ]
     assert report["chosen"] in [c["settings"] for c in finalists]
     assert result.summary["baseline_accuracy"] is not None
-    assert report["shipped"] in ("student", "baseline")
+    assert report["shipped"] in ("student", "baseline", "own-settings baseline")
     assert result.summary["val_accuracy"] >= result.summary["baseline_accuracy"]
+    # A chosen augmentation other than the job's own brings the own-settings baseline, and the job beats it too.
+    own = result.summary["own_settings_baseline_accuracy"]
+    assert (own is not None) == (report["chosen"].get("augmentation", "none") != "none")
+    assert own is None or result.summary["val_accuracy"] >= own
 
 
 def test_when_no_distillation_setting_wins_the_baseline_ships_and_the_job_says_so(tiny, tmp_path):
