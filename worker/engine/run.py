@@ -352,14 +352,17 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
         teacher_x = [_tensor(xt, t, keep_on, placed) for t in teachers]
         teacher_xv = [_tensor(xvt, t, keep_on, placed) for t in teachers]
         del placed
-        augmentation = parse_augmentation(
-            spec.get("augmentation"),
-            sample_shape=tuple(x.shape[1:]),
-            floating=x.dtype.kind != "i",
-            num_classes=num_classes,
-            # Only noise reads it; reading 10k rows of a mapped file for nothing is avoided.
-            input_std=_input_std(x_all) if spec.get("augmentation") not in (None, "none", []) else 1.0,
-        )
+        def augmentation_of(raw) -> Pipeline:
+            return parse_augmentation(
+                raw,
+                sample_shape=tuple(x.shape[1:]),
+                floating=x.dtype.kind != "i",
+                num_classes=num_classes,
+                # Only noise reads it; reading 10k rows of a mapped file for nothing is avoided.
+                input_std=_input_std(x_all) if raw not in (None, "none", []) else 1.0,
+            )
+
+        augmentation = augmentation_of(spec.get("augmentation"))
         teacher_mode, pool_size = _teacher_outputs_mode(spec, augmentation, loss_fn)
         summary["augmentation"] = augmentation.describe()
         summary["teacher_outputs"] = (
@@ -537,13 +540,7 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
     baselines = [("baseline", augmentation)] if baseline_epochs else []
     own_augmentation = (inputs.recipe_report or {}).get("own_augmentation", _UNSET)
     if baselines and own_augmentation is not _UNSET:
-        own = parse_augmentation(
-            own_augmentation,
-            sample_shape=tuple(x.shape[1:]),
-            floating=x.dtype.kind != "i",
-            num_classes=num_classes,
-            input_std=_input_std(x_all) if own_augmentation not in (None, "none", []) else 1.0,
-        )
+        own = augmentation_of(own_augmentation)
         if own.describe() != augmentation.describe():
             baselines.append(("own-settings baseline", own))
             total_epochs += baseline_epochs
