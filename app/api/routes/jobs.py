@@ -72,12 +72,18 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, tenant_
     return job_public(job)
 
 
-# The two reads pollers hammer are async routes that make one thread hop for the whole database read.
+# The two reads pollers hammer are async routes that make one thread hop for the whole database read, and
+# answer with the model's own JSON: FastAPI's re-validation and dict round trip of the return value cost
+# about 70 µs a request against 10 µs for `model_dump_json` (response_model still documents the schema).
+
+
+def json_response(model: JobPublic | JobsPublic) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 @router.get("", response_model=JobsPublic)
 async def list_jobs(tenant_id: CurrentTenant, limit: Limit = 20, after: After = None,
-                    status: Annotated[JobStatus | None, Query()] = None) -> JobsPublic:  # fmt: skip
+                    status: Annotated[JobStatus | None, Query()] = None) -> Response:  # fmt: skip
     """List the tenant's jobs, newest first."""
 
     def read() -> JobsPublic:
@@ -85,18 +91,18 @@ async def list_jobs(tenant_id: CurrentTenant, limit: Limit = 20, after: After = 
             rows = repo.list_jobs(session, tenant_id=tenant_id, limit=limit, after=after, status=status)
             return JobsPublic(data=[job_public(j) for j in rows[:limit]], has_more=len(rows) > limit)
 
-    return await run_in_threadpool(read)
+    return json_response(await run_in_threadpool(read))
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-async def get_job(job_id: str, tenant_id: CurrentTenant) -> JobPublic:
+async def get_job(job_id: str, tenant_id: CurrentTenant) -> Response:
     """Read one job."""
 
     def read() -> JobPublic:
         with get_read_sessionmaker()() as session:
             return job_public(_own_job(session, tenant_id, job_id))
 
-    return await run_in_threadpool(read)
+    return json_response(await run_in_threadpool(read))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=problem_responses(409))
