@@ -1035,6 +1035,35 @@ def _demo_tables(s: dict, kd_spec: dict) -> tuple[Table, Table]:
 
 
 @app.command()
+def convert(
+    checkpoint: Annotated[Path, typer.Argument(help="A PyTorch state-dict checkpoint (.pt / .pth).")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Where to write (default: CHECKPOINT.safetensors).")
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option(help="The entry holding the weights, e.g. state_dict or model/ema.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")] = False,
+) -> None:
+    """Convert a PyTorch checkpoint to safetensors on this machine, ready to upload as a teacher (needs torch)."""
+    from app.convert import ConversionError, convert_checkpoint
+
+    try:
+        report = convert_checkpoint(checkpoint, output, key=key, overwrite=force)
+    except ConversionError as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}")
+        raise typer.Exit(1) from None
+    if report.unwrapped:
+        err.print(f"[dim]weights from entry {escape('/'.join(report.unwrapped))!r}"
+                  + (f"; ignored {escape(', '.join(report.ignored_keys))}" if report.ignored_keys else "") + "[/]")  # fmt: skip
+    if report.stripped_prefix:
+        err.print(f"[dim]stripped the {escape(report.stripped_prefix)!r} prefix from every key[/]")
+    err.print(f"[green]✓[/] wrote {escape(str(report.output))} ({_human_bytes(report.bytes)})")
+    out.print(f"tensors     {report.tensors:,}\nparameters  {report.parameters:,}\nsha256      {report.sha256}")
+    out.print(f"[dim]upload it: distill files upload {escape(str(report.output))} --purpose teacher[/]")
+
+
+@app.command()
 def demo(
     ctx: typer.Context,
     epochs_teacher: Annotated[int, typer.Option(min=1, help="Teacher training epochs.")] = 8,

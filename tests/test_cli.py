@@ -75,7 +75,7 @@ def _job(status: str, **extra) -> dict:
 def test_help_lists_every_command():
     result = runner.invoke(cli.app, ["--help"])
     assert result.exit_code == 0, result.output
-    for name in ("up", "api", "worker", "migrate", "keys", "files", "jobs", "demo"):
+    for name in ("up", "api", "worker", "migrate", "keys", "files", "jobs", "demo", "convert"):
         assert name in result.output
     for group, subs in {"jobs": ("create", "list", "get", "cancel", "wait", "download", "events"),
                         "files": ("upload", "list"), "keys": ("create",)}.items():  # fmt: skip
