@@ -260,9 +260,11 @@ def _job_progress() -> Progress:
 
 
 def _watch(client: DistillClient, job_id: str, progress: Progress, *, label: str | None = None,
-           poll_s: float = 1.0, timeout_s: float | None = None) -> dict:  # fmt: skip
-    """Wait for a job with a progress bar driven by progress.fraction and the epoch counter."""
+           poll_s: float = 1.0, timeout_s: float | None = None, stream: bool = True) -> dict:  # fmt: skip
+    """Wait for a job with a progress bar driven by progress.fraction and the epoch counter; with `stream`, follow
+    its events (printing each message above the bar, the latest validation accuracy beside it) as they arrive."""
     task = progress.add_task(label or job_id, total=1.0, info="queued")
+    latest: dict[str, str] = {}
 
     def update(job: dict) -> None:
         p = job.get("progress") or {}
@@ -271,10 +273,30 @@ def _watch(client: DistillClient, job_id: str, progress: Progress, *, label: str
             info += f" · epoch {p.get('epoch', 0)}/{p['epochs']}"
         if p.get("phase"):
             info += f" · {p['phase']}"
+        if latest.get("val") and job["status"] == "running":
+            info += f" · {latest['val']}"
         done = 1.0 if job["status"] == "succeeded" else float(p.get("fraction") or 0.0)
         progress.update(task, completed=min(max(done, 0.0), 1.0), info=info)
 
-    return client.jobs.wait(job_id, poll_s=poll_s, timeout_s=timeout_s, on_progress=update)
+    def show(event: dict) -> None:
+        data = event.get("data") or {}
+        if event["type"] == "metrics":
+            if data.get("val_accuracy") is not None:
+                latest["val"] = f"{data.get('phase', 'train')} val {_pct(data['val_accuracy'])}"
+            return
+        if event["type"] == "message":
+            level = event.get("level", "info")
+            colour = {"error": "red", "warning": "yellow"}.get(level, "dim")
+            stamp = _ts(event.get("created_at"))
+            progress.console.print(f"[{colour}]{stamp}[/] {escape(event.get('message', ''))}")
+
+    def fallback(reason: str) -> None:
+        progress.console.print(
+            f"[yellow]events stream unavailable ({escape(reason)}); polling every {poll_s:g} s[/]"
+        )
+
+    return client.jobs.wait(job_id, poll_s=poll_s, timeout_s=timeout_s, on_progress=update, on_event=show,
+                            stream=stream, on_fallback=fallback)  # fmt: skip
 
 
 def _report_outcome(job: dict) -> int:
@@ -778,13 +800,18 @@ def jobs_cancel(ctx: typer.Context, job_id: str, json_out: JsonOpt = False) -> N
 def jobs_wait(
     ctx: typer.Context,
     job_id: str,
-    poll: Annotated[float, typer.Option(min=0.05, help="Seconds between polls.")] = 1.0,
+    poll: Annotated[
+        float, typer.Option(min=0.05, help="Seconds between polls when the events stream is unavailable.")
+    ] = 1.0,
     timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None,
+    stream: Annotated[
+        bool, typer.Option("--stream/--no-stream", help="Follow the job's Server-Sent Events (else poll).")
+    ] = True,
     json_out: JsonOpt = False,
 ) -> None:
-    """Wait for a job with a progress bar; exit 0 if it succeeded, 1 if it failed or was cancelled."""
+    """Follow a job's events with a progress bar; exit 0 if it succeeded, 1 if it failed or was cancelled."""
     with _state(ctx).client() as client, _job_progress() as progress:
-        job = _watch(client, job_id, progress, poll_s=poll, timeout_s=timeout)
+        job = _watch(client, job_id, progress, poll_s=poll, timeout_s=timeout, stream=stream)
     if json_out:
         _print_json(job)
     raise typer.Exit(_report_outcome(job))
@@ -1005,6 +1032,35 @@ def _demo_tables(s: dict, kd_spec: dict) -> tuple[Table, Table]:
     summary.add_row("compression (teacher / student params)", _times(s["compression_ratio"]))
     summary.add_row("speed-up (CPU latency)", _times(s["speedup"]))
     return models, summary
+
+
+@app.command()
+def convert(
+    checkpoint: Annotated[Path, typer.Argument(help="A PyTorch state-dict checkpoint (.pt / .pth).")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Where to write (default: CHECKPOINT.safetensors).")
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option(help="The entry holding the weights, e.g. state_dict or model/ema.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")] = False,
+) -> None:
+    """Convert a PyTorch checkpoint to safetensors on this machine, ready to upload as a teacher (needs torch)."""
+    from app.convert import ConversionError, convert_checkpoint
+
+    try:
+        report = convert_checkpoint(checkpoint, output, key=key, overwrite=force)
+    except ConversionError as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}")
+        raise typer.Exit(1) from None
+    if report.unwrapped:
+        err.print(f"[dim]weights from entry {escape('/'.join(report.unwrapped))!r}"
+                  + (f"; ignored {escape(', '.join(report.ignored_keys))}" if report.ignored_keys else "") + "[/]")  # fmt: skip
+    if report.stripped_prefix:
+        err.print(f"[dim]stripped the {escape(report.stripped_prefix)!r} prefix from every key[/]")
+    err.print(f"[green]✓[/] wrote {escape(str(report.output))} ({_human_bytes(report.bytes)})")
+    out.print(f"tensors     {report.tensors:,}\nparameters  {report.parameters:,}\nsha256      {report.sha256}")
+    out.print(f"[dim]upload it: distill files upload {escape(str(report.output))} --purpose teacher[/]")
 
 
 @app.command()

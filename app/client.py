@@ -5,7 +5,9 @@
     with DistillClient() as client:                       # DISTILL_API_KEY from the environment
         data = client.files.upload("train.npz", "dataset")
         job = client.jobs.create({...})
-        job = client.jobs.wait(job["id"], on_progress=lambda j: print(j["progress"]))
+        job = client.jobs.wait(job["id"], on_progress=lambda j: print(j["progress"]))  # follows the SSE stream
+        for event in client.events.stream(job["id"]):     # or read the events yourself, resumed on reconnect
+            print(event["type"], event.get("message"))
         paths = client.jobs.download(job["id"], "out/")
 
 Every non-2xx answer raises `DistillAPIError` carrying the RFC 9457 problem document. Uploads stream from
@@ -25,14 +27,17 @@ from typing import Any, BinaryIO, Self
 from urllib.parse import quote
 
 import httpx
+from httpx_sse import SSEError, connect_sse
 
-__all__ = ["DEFAULT_URL", "TERMINAL_STATUSES", "DistillAPIError", "DistillClient", "DistillIntegrityError"]
+__all__ = ["DEFAULT_URL", "TERMINAL_STATUSES", "DistillAPIError", "DistillClient", "DistillIntegrityError",
+           "StreamUnavailable"]  # fmt: skip
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 USER_AGENT = "distill-sdk/0.1"
 _CHUNK = 1024 * 1024
 _PAGE_MAX = 100  # the API's largest page size
+_TRANSIENT_STATUSES = (502, 503, 504)  # a restarting API or a proxy in front of one
 
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -81,6 +86,11 @@ class DistillAPIError(Exception):
 
 class DistillIntegrityError(Exception):
     """A downloaded artifact does not match the size or sha256 the service listed for it."""
+
+
+class StreamUnavailable(Exception):
+    """The events stream cannot be followed: the answer is not Server-Sent Events (an old server, a proxy that
+    buffers), or the connection kept dropping before any event came. `jobs.wait` polls instead."""
 
 
 def _problem_from(response: httpx.Response) -> dict[str, Any]:
@@ -217,20 +227,66 @@ class Jobs(_Resource):
         return self._client._get(self._path(job_id, "artifacts")).get("data", [])
 
     def wait(self, job_id: str, poll_s: float = 1.0, timeout_s: float | None = None,
-             on_progress: Callable[[dict], None] | None = None, *, max_transient_errors: int = 30) -> dict:  # fmt: skip
-        """Poll GET /v1/jobs/{id} until it is succeeded, failed or cancelled; return the final Job.
+             on_progress: Callable[[dict], None] | None = None, *, on_event: Callable[[dict], None] | None = None,
+             stream: bool = True, on_fallback: Callable[[str], None] | None = None,
+             max_transient_errors: int = 30) -> dict:  # fmt: skip
+        """Wait until the job is succeeded, failed or cancelled; return the final Job.
 
-        `on_progress(job)` is called after every poll. Connection errors and 502/503/504 answers (a restarting
-        API) are retried up to `max_transient_errors` times in a row. Raises TimeoutError after `timeout_s`.
+        With `stream` (the default) it follows the job's Server-Sent Events (`client.events.stream`), calling
+        `on_event(event)` for each as it arrives and `on_progress(job)` with the job read after it, so it
+        returns as soon as the job ends. When the stream is unavailable (`StreamUnavailable`) it says why through
+        `on_fallback(reason)` and polls GET /v1/jobs/{id} every `poll_s` instead, calling `on_progress(job)`
+        after every poll. Connection errors and 502/503/504 answers are retried up to `max_transient_errors`
+        times in a row. Raises TimeoutError after `timeout_s`.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if stream:
+            try:
+                return self._follow(job_id, deadline, on_progress, on_event)
+            except StreamUnavailable as e:
+                if on_fallback is not None:
+                    on_fallback(str(e))
+        return self._poll(job_id, poll_s, deadline, timeout_s, on_progress, max_transient_errors)
+
+    def _follow(self, job_id: str, deadline: float | None, on_progress: Callable[[dict], None] | None,
+                on_event: Callable[[dict], None] | None) -> dict:  # fmt: skip
+        job = self._get_tolerant(job_id)
+        if job is not None:
+            if on_progress is not None:
+                on_progress(job)
+            if job["status"] in TERMINAL_STATUSES:
+                return job
+        for event in self._client.events.stream(job_id, deadline=deadline):
+            if on_event is not None:
+                on_event(event)
+            if event["type"] == "end":
+                break
+            if on_progress is not None and (job := self._get_tolerant(job_id)) is not None:
+                on_progress(job)
+        # `end` is sent only once the status is terminal: one read (retried through an API restart) gets the
+        # final job with its metrics.
+        return self._poll(job_id, 0.5, deadline, None, on_progress, 30)
+
+    def _get_tolerant(self, job_id: str) -> dict | None:
+        """The job, or None while the API is briefly unreachable: a progress refresh is not worth failing for."""
+        try:
+            return self.get(job_id)
+        except httpx.TransportError:
+            return None
+        except DistillAPIError as e:
+            if e.status in _TRANSIENT_STATUSES:
+                return None
+            raise
+
+    def _poll(self, job_id: str, poll_s: float, deadline: float | None, timeout_s: float | None,
+              on_progress: Callable[[dict], None] | None, max_transient_errors: int) -> dict:  # fmt: skip
         failures = 0
         while True:
             try:
                 job = self.get(job_id)
                 failures = 0
             except (httpx.TransportError, DistillAPIError) as e:
-                transient = isinstance(e, httpx.TransportError) or e.status in (502, 503, 504)
+                transient = isinstance(e, httpx.TransportError) or e.status in _TRANSIENT_STATUSES
                 failures += 1
                 if not transient or failures > max_transient_errors:
                     raise
@@ -293,6 +349,61 @@ class Jobs(_Resource):
         return paths
 
 
+class Events(_Resource):
+    """A job's event log as it happens (Server-Sent Events)."""
+
+    def stream(self, job_id: str, *, after: int | None = None, deadline: float | None = None,
+               read_timeout_s: float = 30.0, max_reconnects: int = 5) -> Iterator[dict]:  # fmt: skip
+        """Yield the job's events (`id, created_at, level, type, message, data`) after event id `after` as they
+        are written, then a last `{"type": "end", "data": {"status": ...}}` once the job has ended.
+
+        A dropped connection is reopened with `Last-Event-ID` (after the server's `retry` delay), so every event
+        arrives exactly once. Raises StreamUnavailable when the answer is not an event stream or when
+        `max_reconnects` reconnections in a row bring no event; TimeoutError once `deadline` (a
+        `time.monotonic()` value) has passed. The server sends a keep-alive every 15 s, so `read_timeout_s` only
+        trips on a dead connection, which counts as a drop.
+        """
+        path = f"/v1/jobs/{quote(job_id, safe='')}/events"
+        last_id, retry_s, drops, why = after, 1.0, 0, ""
+        while True:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} did not finish in time")
+            left = None if deadline is None else deadline - time.monotonic()
+            read_s = read_timeout_s if left is None else max(0.1, min(read_timeout_s, left))
+            headers = {} if last_id is None else {"Last-Event-ID": str(last_id)}
+            try:
+                with connect_sse(self._client._http, "GET", path, headers=headers,
+                                 timeout=httpx.Timeout(self._client._http.timeout.connect, read=read_s)) as source:  # fmt: skip
+                    _raise_for(source.response)
+                    for sse in source.iter_sse():
+                        if sse.retry is not None:
+                            retry_s = sse.retry / 1000
+                        if sse.event == "end":
+                            yield {"id": None, "type": "end", "data": sse.json()}
+                            return
+                        if not sse.data:
+                            continue
+                        event = sse.json()
+                        last_id, drops = event["id"], 0
+                        yield event
+                why = "the server closed the stream before the job ended"
+            except SSEError as e:
+                raise StreamUnavailable(
+                    f"the events endpoint did not answer with an event stream ({e})"
+                ) from None
+            except httpx.TransportError as e:
+                why = f"{type(e).__name__}: {e}"
+            except DistillAPIError as e:
+                if e.status not in _TRANSIENT_STATUSES:
+                    raise
+                why = str(e)
+            drops += 1
+            if drops > max_reconnects:
+                raise StreamUnavailable(f"the events stream dropped {drops} times in a row ({why})")
+            pause = min(retry_s, 10.0)
+            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
+
+
 class DistillClient:
     """A client for one service URL and API key. Use as a context manager, or call close()."""
 
@@ -308,6 +419,7 @@ class DistillClient:
         )
         self.files = Files(self)
         self.jobs = Jobs(self)
+        self.events = Events(self)
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         response = self._http.request(method, path, **kwargs)

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app import cli
-from app.client import DistillAPIError, DistillClient, DistillIntegrityError
+from app.client import DistillAPIError, DistillClient, DistillIntegrityError, StreamUnavailable
 
 runner = CliRunner()
 JOB_ID = "job_" + "a" * 22
@@ -75,7 +75,7 @@ def _job(status: str, **extra) -> dict:
 def test_help_lists_every_command():
     result = runner.invoke(cli.app, ["--help"])
     assert result.exit_code == 0, result.output
-    for name in ("up", "api", "worker", "migrate", "keys", "files", "jobs", "demo"):
+    for name in ("up", "api", "worker", "migrate", "keys", "files", "jobs", "demo", "convert"):
         assert name in result.output
     for group, subs in {"jobs": ("create", "list", "get", "cancel", "wait", "download", "events"),
                         "files": ("upload", "list"), "keys": ("create",)}.items():  # fmt: skip
@@ -319,8 +319,111 @@ def test_wait_polls_until_terminal_and_survives_a_restart(monkeypatch):
 
     seen = []
     with DistillClient("http://svc", api_key="k", transport=_mock(handler)) as client:
-        job = client.jobs.wait(JOB_ID, poll_s=0.01, on_progress=lambda j: seen.append(j["status"]))
+        job = client.jobs.wait(JOB_ID, poll_s=0.01, on_progress=lambda j: seen.append(j["status"]), stream=False)
     assert job["status"] == "succeeded" and seen == ["queued", "running", "succeeded"]
+
+
+def _sse(*events: dict, end: str | None = None) -> bytes:
+    """An SSE body as the API writes it: a retry hint, one block per event, then `end` with the status."""
+    blocks = ["retry: 10\n\n"]
+    blocks += [f"id: {e['id']}\nevent: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events]
+    blocks += [": keep-alive\n\n"]
+    if end:
+        blocks.append(f"event: end\ndata: {json.dumps({'status': end})}\n\n")
+    return "".join(blocks).encode()
+
+
+def _event(n: int, type_: str = "message") -> dict:
+    return {"id": n, "created_at": "2026-01-01T00:00:00Z", "level": "info", "type": type_,
+            "message": f"event {n}", "data": {"epoch": n, "phase": "train", "val_accuracy": 0.5}}  # fmt: skip
+
+
+class _DropsAfter(httpx.SyncByteStream):
+    """A response body that breaks off like a dropped TCP connection after its bytes."""
+
+    def __init__(self, body: bytes):
+        self.body = body
+
+    def __iter__(self):
+        yield self.body
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+
+def test_events_stream_resumes_with_last_event_id_after_a_drop():
+    requests = []
+
+    def handler(request):
+        requests.append(dict(request.headers))
+        sse = {"content-type": "text/event-stream"}
+        if len(requests) == 1:
+            return httpx.Response(200, headers=sse, stream=_DropsAfter(_sse(_event(1), _event(2, "metrics"))))
+        if len(requests) == 2:
+            return httpx.Response(503, json={"title": "Service Unavailable", "detail": "restarting"})
+        return httpx.Response(200, headers=sse, content=_sse(_event(3), end="succeeded"))
+
+    with DistillClient("http://svc", api_key="k", transport=_mock(handler)) as client:
+        events = list(client.events.stream(JOB_ID))
+    assert [e["id"] for e in events] == [1, 2, 3, None] and events[-1] == {"id": None, "type": "end",
+                                                                          "data": {"status": "succeeded"}}  # fmt: skip
+    assert requests[0]["accept"] == "text/event-stream" and "last-event-id" not in requests[0]
+    assert requests[1]["last-event-id"] == "2" and requests[2]["last-event-id"] == "2"
+
+
+def test_events_stream_gives_up_after_repeated_drops_without_events():
+    def handler(request):
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=_DropsAfter(b"retry: 1\n\n"))
+
+    with (
+        DistillClient("http://svc", api_key="k", transport=_mock(handler)) as client,
+        pytest.raises(StreamUnavailable, match="dropped 3 times in a row"),
+    ):
+        list(client.events.stream(JOB_ID, max_reconnects=2))
+
+
+def test_wait_follows_the_stream_and_reads_the_job_after_each_event():
+    served = {"end": False}
+
+    def handler(request):
+        if request.url.path.endswith("/events"):
+            served["end"] = True
+            return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                  content=_sse(_event(1), _event(2, "metrics"), end="failed"))  # fmt: skip
+        return httpx.Response(200, json=_job("failed" if served["end"] else "running"))
+
+    events, progress = [], []
+    with DistillClient("http://svc", api_key="k", transport=_mock(handler)) as client:
+        job = client.jobs.wait(JOB_ID, on_event=events.append, on_progress=lambda j: progress.append(j["status"]))
+    assert job["status"] == "failed"
+    assert [e["type"] for e in events] == ["message", "metrics", "end"]
+    assert progress[0] == "running" and progress[-1] == "failed"
+
+
+def test_wait_falls_back_to_polling_when_the_server_does_not_stream(monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    answers = iter([_job("running"), _job("running"), _job("succeeded")])
+
+    def handler(request):
+        if request.url.path.endswith("/events"):  # an old server: a JSON page whatever the Accept header says
+            return httpx.Response(200, json={"object": "list", "data": [], "has_more": False})
+        return httpx.Response(200, json=next(answers))
+
+    reasons = []
+    with DistillClient("http://svc", api_key="k", transport=_mock(handler)) as client:
+        job = client.jobs.wait(JOB_ID, poll_s=0.01, on_fallback=reasons.append)
+    assert job["status"] == "succeeded" and "did not answer with an event stream" in reasons[0]
+
+
+def test_wait_on_an_unknown_job_raises_instead_of_polling():
+    def handler(request):
+        if request.url.path.endswith("/events"):
+            return httpx.Response(404, json={"title": "Not Found", "detail": "no such job"})
+        return httpx.Response(200, json=_job("running"))
+
+    with (
+        DistillClient("http://svc", api_key="k", transport=_mock(handler)) as client,
+        pytest.raises(DistillAPIError, match="no such job"),
+    ):
+        client.jobs.wait(JOB_ID)
 
 
 def test_wait_times_out():
@@ -340,12 +443,35 @@ def test_wait_times_out():
 @pytest.mark.parametrize(("final", "code"), [("succeeded", 0), ("failed", 1), ("cancelled", 1)])
 def test_jobs_wait_exit_status(monkeypatch, final, code):
     error = {"code": "weights_mismatch", "message": "missing key fc.weight", "param": "teachers[0]"}
-    answers = iter([_job("running"), _job(final, error=error if final == "failed" else None)])
-    monkeypatch.setattr(cli, "_transport", _mock(lambda request: httpx.Response(200, json=next(answers))))
-    result = runner.invoke(cli.app, ["--api-key", "k", "jobs", "wait", JOB_ID, "--poll", "0.05"])
+    ended = {"yes": False}
+
+    def handler(request):
+        if request.url.path.endswith("/events"):
+            ended["yes"] = True
+            return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                  content=_sse(_event(1), _event(2, "metrics"), end=final))  # fmt: skip
+        if ended["yes"]:
+            return httpx.Response(200, json=_job(final, error=error if final == "failed" else None))
+        return httpx.Response(200, json=_job("running"))
+
+    monkeypatch.setattr(cli, "_transport", _mock(handler))
+    result = runner.invoke(cli.app, ["--api-key", "k", "jobs", "wait", JOB_ID])
     assert result.exit_code == code, result.output
+    assert "event 1" in result.stderr  # message events are printed as they arrive
     if final == "failed":
         assert "weights_mismatch" in result.stderr and "missing key fc.weight" in result.stderr
+
+
+def test_jobs_wait_no_stream_polls(monkeypatch):
+    answers = iter([_job("running"), _job("succeeded")])
+
+    def handler(request):
+        assert not request.url.path.endswith("/events")
+        return httpx.Response(200, json=next(answers))
+
+    monkeypatch.setattr(cli, "_transport", _mock(handler))
+    result = runner.invoke(cli.app, ["--api-key", "k", "jobs", "wait", JOB_ID, "--no-stream", "--poll", "0.05"])
+    assert result.exit_code == 0, result.output
 
 
 def test_jobs_create_sends_a_yaml_spec_with_idempotency_key(tmp_path, monkeypatch):

@@ -40,7 +40,7 @@ WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 # at its next step, like a cancel, and is handed back to the queue instead of finishing.
 SHUTTING_DOWN = threading.Event()
 CONTENT_TYPES = {".safetensors": "application/octet-stream", ".onnx": "application/octet-stream",
-                 ".json": "application/json", ".md": "text/markdown; charset=utf-8"}  # fmt: skip
+                 ".json": "application/json", ".md": "text/markdown; charset=utf-8", ".png": "image/png"}  # fmt: skip
 
 
 def _sha256(path: Path) -> str:

@@ -18,7 +18,7 @@ from worker.engine.trainer import load_checkpoint
 from .conftest import Recorder, blobs, make_spec, run, sha256, write_npz
 from .test_run import Crash, CrashAfterCheckpoint
 
-ARTIFACTS = {"model.safetensors", "model.onnx", "metrics.json", "model_card.md"}
+ARTIFACTS = {"model.safetensors", "model.onnx", "metrics.json", "model_card.md", "training_curves.png"}
 SMALL = {"name": "mlp", "config": {"hidden_sizes": [32]}}
 IMAGE_TEACHER = {"name": "cnn2d", "config": {"channels": [8, 16]}}
 IMAGE_STUDENT = {"name": "cnn2d", "config": {"channels": [4, 8]}}

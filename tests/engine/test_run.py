@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from worker.engine import (
@@ -23,7 +24,7 @@ from worker.engine.trainer import load_checkpoint
 
 from .conftest import Recorder, blobs, make_spec, run, sha256, write_npz
 
-ARTIFACTS = {"model.safetensors", "model.onnx", "metrics.json", "model_card.md"}
+ARTIFACTS = {"model.safetensors", "model.onnx", "metrics.json", "model_card.md", "training_curves.png"}
 SUMMARY_KEYS = {
     "val_accuracy",
     "teacher_accuracy",
@@ -113,7 +114,11 @@ def test_kd_run_reports_teacher_metrics_and_baseline(tmp_path, blob_file, blob_t
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
     assert {r["phase"] for r in reports} == {"train", "baseline"}
     assert any(r["metrics"] is not None for r in reports)
-    assert "baseline" in result.artifacts["model_card.md"].read_text()
+    card = result.artifacts["model_card.md"].read_text()
+    assert "baseline" in card and "![Loss terms and validation accuracy by epoch](training_curves.png)" in card
+    with Image.open(result.artifacts["training_curves.png"]) as img:
+        img.load()
+        assert img.format == "PNG" and img.size == (1100, 420)
 
 
 def test_kd_student_on_digits_beats_chance(tmp_path):

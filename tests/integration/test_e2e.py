@@ -1,10 +1,12 @@
 """Acceptance: upload data and a teacher, distil with `kd`, download, and check the ONNX student's accuracy."""
 
 import hashlib
+import io
 
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.helpers import digits_arrays, digits_files, kd_spec, train_teacher, upload, wait_job
 
@@ -52,6 +54,21 @@ def test_kd_job_succeeds_and_onnx_matches_reported_accuracy(client, setup, tmp_p
     reported = job["metrics"]["val_accuracy"]
     assert abs(onnx_accuracy - reported) <= 0.01, (onnx_accuracy, reported)
     assert reported > 0.75  # far above the 10% of chance after 8 short epochs
+
+
+def test_training_curves_png_is_an_artifact_and_downloads(client, setup):
+    job = setup["job"]
+    listing = {a["name"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
+    meta = listing["training_curves.png"]
+    assert meta["content_type"] == "image/png"
+    r = client.get(f"/v1/jobs/{job['id']}/artifacts/training_curves.png")
+    assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(r.content) == meta["bytes"] and hashlib.sha256(r.content).hexdigest() == meta["sha256"]
+    with Image.open(io.BytesIO(r.content)) as img:
+        img.load()
+        assert img.format == "PNG" and img.size == (1100, 420)
+    card = client.get(f"/v1/jobs/{job['id']}/artifacts/model_card.md").text
+    assert "](training_curves.png)" in card
 
 
 def test_metrics_events_and_summary(client, setup):

@@ -12,7 +12,7 @@ import pytest
 from tests.helpers import digits_arrays, digits_files, train_teacher, upload, wait_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-CORE = {"model.safetensors", "model.onnx", "metrics.json", "model_card.md"}
+CORE = {"model.safetensors", "model.onnx", "metrics.json", "model_card.md", "training_curves.png"}
 STUDENT = {"name": "mlp", "config": {"hidden_sizes": [32]}}
 MLP_TEACHER = {"name": "mlp", "config": {"hidden_sizes": [128]}}
 CNN_TEACHER = {"name": "cnn1d", "config": {"channels": 8, "num_layers": 2, "kernel_size": 3}}

@@ -130,6 +130,7 @@ def write_model_card(
     teachers: list[dict],
     data: dict,
     extra_files: list[str] = (),
+    curves_file: str | None = None,
 ) -> None:
     """A human-readable account of what was distilled, how, and how well."""
     s = summary
@@ -263,6 +264,7 @@ def write_model_card(
         "",
         "## Training curve",
         "",
+        *([f"![Loss terms and validation accuracy by epoch]({curves_file})", ""] if curves_file else []),
         "| epoch | train loss | val accuracy | agreement | seconds |",
         "| --- | --- | --- | --- | --- |",
     ]
@@ -290,6 +292,11 @@ def write_model_card(
             " output `logits` `[batch, classes]`; dynamic batch."
         ),
         "- `metrics.json`: the summary above, per-epoch history and phase timings.",
+        *(
+            [f"- `{curves_file}`: per-epoch loss terms; validation accuracy of the student, the baseline"
+             " (when trained) and the teacher(s)."]
+            if curves_file else []
+        ),  # fmt: skip
         *[
             f"- `{name}`: written by method `{method.get('type')}` (see its metrics above)."
             for name in extra_files

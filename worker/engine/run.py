@@ -32,6 +32,7 @@ from .data import array_identity, describe_source, load_dataset, split_validatio
 from .errors import EngineError
 from .evaluate import cpu_latency_ms, fused_predictions
 from .export import export_onnx, write_metrics, write_model_card
+from .plots import write_training_curves
 from .features import feature_bytes, feature_shapes
 from .mapped import MappedRows
 from .methods import Probe, SupervisedConfig, SupervisedLoss, parse_method
@@ -670,6 +671,15 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
         },
     )
     artifacts["metrics.json"] = metrics_path
+    curves_path = out_dir / "training_curves.png"
+    try:
+        write_training_curves(curves_path, history=history, baseline_history=baseline_history,
+                              teacher_accuracy=summary["teacher_accuracy"], method=str(method_type),
+                              title=f"{spec.get('name') or inputs.job_id} · method {method_type}")  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - a plotting bug must not throw away a finished training run
+        log("error", "training_curves.png could not be drawn", error=f"{type(err).__name__}: {err}")
+    else:
+        artifacts[curves_path.name] = curves_path
     teacher_rows = [
         {
             "label": describe(teacher.architecture),
@@ -693,6 +703,7 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
             "n_val": len(xv),
         },
         extra_files=sorted(extra_files),
+        curves_file=curves_path.name if curves_path.name in artifacts else None,
     )
     artifacts["model_card.md"] = card_path
     log("info", "artifacts written", artifacts=sorted(artifacts))
