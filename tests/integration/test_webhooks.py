@@ -239,3 +239,32 @@ def test_rotation_signs_with_both_secrets(stack, receiver, secret):
         [request] = receiver.wait("/rotated")
     for key in (new, secret):  # receivers on either secret verify during the grace period
         verify_webhook(request["body"], request["headers"]["distill-signature"], key)
+
+
+def test_cli_creates_the_secret_once_and_a_job_with_webhook_url(stack, receiver, tmp_path):
+    from typer.testing import CliRunner
+
+    from app import cli
+
+    runner = CliRunner()
+    base = ["--url", stack.base_url, "--api-key", make_key(stack.database_url, "tenant-cli")]
+    created = runner.invoke(cli.app, [*base, "webhooks", "secret"])
+    assert created.exit_code == 0, created.output
+    cli_secret = created.stdout.strip()
+    assert cli_secret.startswith("whsec_") and "not shown again" in created.stderr
+    again = runner.invoke(cli.app, [*base, "webhooks", "secret"])
+    assert again.exit_code == 1 and "--rotate" in again.stderr and cli_secret not in again.output
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(quick_spec("cli")))
+    made = runner.invoke(cli.app, [*base, "jobs", "create", "-f", str(spec), "--webhook-url",
+                                   f"{receiver.url}/cli", "--json"])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    job = json.loads(made.stdout)
+    assert job["spec"]["webhook_url"] == f"{receiver.url}/cli"
+    [request] = receiver.wait("/cli")
+    assert verify_webhook(request["body"], request["headers"]["distill-signature"], cli_secret)["data"]["job"]["id"] \
+        == job["id"]  # fmt: skip
+
+    bad = runner.invoke(cli.app, [*base, "jobs", "create", "-f", str(spec), "--webhook-url", "http://hooks.example.com/"])
+    assert bad.exit_code == 1 and "webhook_url" in bad.stderr and "https" in bad.stderr
