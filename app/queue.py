@@ -48,8 +48,9 @@ def publish_job(job_id: str) -> None:
 
 
 def publish_webhook(delivery_id: str, countdown: float | None = None) -> None:
-    """Send a webhook delivery id (and nothing else) to the workers, optionally not before `countdown` seconds."""
+    """Send a webhook delivery id (and nothing else) to the workers, optionally not before `countdown` seconds.
+    It shares the job queue: a free worker sends it between jobs (a delivery takes at most webhook_timeout_s)."""
     settings = get_settings()
-    get_celery().send_task(DELIVER_WEBHOOK, args=[delivery_id], queue=settings.webhook_queue or settings.queue,
+    get_celery().send_task(DELIVER_WEBHOOK, args=[delivery_id], queue=settings.queue,
                            countdown=countdown, retry=True,
                            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})  # fmt: skip

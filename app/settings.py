@@ -59,8 +59,6 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     # After a secret is rotated, deliveries carry a signature with the previous one too, for this many seconds.
     webhook_secret_grace_s: float = Field(default=24 * 3600.0, ge=0)
-    # Celery queue for deliveries; the job queue (`queue`) when unset.
-    webhook_queue: str | None = None
     # The API's public base URL (e.g. "https://distill.example.com"): webhook bodies link to it; paths when unset.
     public_base_url: str | None = None
 
