@@ -156,6 +156,20 @@ def test_succeeded_job_posts_a_signed_body_once(stack, receiver, secret):
     assert len(receiver.received("/ok")) == 1
 
 
+def test_a_failed_job_posts_its_error(stack, receiver, secret):
+    spec = quick_spec("bad-option")
+    spec["student"]["architecture"]["config"] = {"hidden_sizes": [8], "no_such_option": 1}
+    with stack.client() as c:
+        job = c.post("/v1/jobs", json={**spec, "webhook_url": f"{receiver.url}/failed"}).json()
+        done = wait_status(c, job["id"])
+    assert done["status"] == "failed"
+    [request] = receiver.wait("/failed")
+    check_signature(request, secret)
+    body = json.loads(request["body"])
+    assert body["type"] == "job.failed" and body["data"]["job"]["error"] == done["error"]
+    assert body["data"]["artifacts"] == []
+
+
 def test_a_receiver_that_fails_first_gets_a_retry_with_the_same_body(stack, receiver, secret):
     receiver.script["/flaky"] = [500, 503, 200]
     with stack.client() as c:
