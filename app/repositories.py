@@ -9,7 +9,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.models import (
-    ApiKey, Artifact, File, Job, JobEvent, JobMetric, Tenant, WebhookDelivery, WebhookSecret, utcnow,
+    ApiKey,
+    Artifact,
+    File,
+    Job,
+    JobEvent,
+    JobMetric,
+    Tenant,
+    WebhookDelivery,
+    WebhookSecret,
+    utcnow,
 )  # fmt: skip
 
 TERMINAL = ("succeeded", "failed", "cancelled")

@@ -18,7 +18,13 @@ from app.models import utcnow
 from app.queue import DELIVER_WEBHOOK, publish_webhook
 from app.settings import get_settings
 from app.webhooks import (
-    DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, UnsafeWebhookTarget, check_webhook_url, resolve_target, sign,
+    DELIVERY_HEADER,
+    EVENT_HEADER,
+    SIGNATURE_HEADER,
+    UnsafeWebhookTarget,
+    check_webhook_url,
+    resolve_target,
+    sign,
     signing_secrets,
 )  # fmt: skip
 from worker.celery_app import celery_app
