@@ -92,6 +92,8 @@ jobs_app = typer.Typer(no_args_is_help=True, help="Create, watch, cancel and dow
 app.add_typer(keys_app, name="keys")
 app.add_typer(files_app, name="files")
 app.add_typer(jobs_app, name="jobs")
+webhooks_app = typer.Typer(no_args_is_help=True, help="Webhooks: the secret that signs job-finished deliveries.")
+app.add_typer(webhooks_app, name="webhooks")
 
 
 # ---- connection state -----------------------------------------------------------------------------
@@ -727,6 +729,42 @@ def files_delete(ctx: typer.Context, file_id: str) -> None:
     err.print(f"[green]✓[/] deleted {file_id}")
 
 
+# ---- webhooks -------------------------------------------------------------------------------------
+
+
+@webhooks_app.command("secret")
+def webhooks_secret(
+    ctx: typer.Context,
+    rotate: Annotated[
+        bool, typer.Option("--rotate", help="Replace the secret; the old one keeps signing for a grace period.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create your webhook signing secret (or --rotate it) and print it: it is shown this once."""
+    with _state(ctx).client() as client:
+        if rotate:
+            row = client.webhooks.rotate_secret()
+        else:
+            try:
+                row = client.webhooks.create_secret()
+            except DistillAPIError as e:
+                if e.status != 409:
+                    raise
+                current = client.webhooks.get_secret()
+                err.print(f"You already have a webhook secret ({escape(current['prefix'])}…, created "
+                          f"{escape(str(current['created_at']))}); it was shown when it was made. "
+                          "[bold]distill webhooks secret --rotate[/] replaces it.")  # fmt: skip
+                raise typer.Exit(1) from None
+    if json_out:
+        _print_json(row)
+        return
+    typer.echo(row["secret"])
+    note = "Store it now: it is not shown again. Receivers verify Distill-Signature with it (README, Webhooks)."
+    if row.get("previous_expires_at"):
+        note += f" The previous secret also signs deliveries until {row['previous_expires_at']}."
+    err.print(f"[dim]{escape(note)}[/]")
+
+
 # ---- jobs -----------------------------------------------------------------------------------------
 
 
@@ -737,13 +775,16 @@ def jobs_create(
         str, typer.Option("-f", "--file", help="Job spec: .json, .yaml/.yml, or - for stdin.")
     ],
     idempotency_key: Annotated[str | None, typer.Option(help="Repeat-safe creation key.")] = None,
+    webhook_url: Annotated[
+        str | None, typer.Option(help="POSTed (signed) when the job ends; overrides the spec's webhook_url.")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Then wait for it with a progress bar.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a distillation job from a spec file."""
     spec = _load_spec(spec_file)
     with _state(ctx).client() as client:
-        job = client.jobs.create(spec, idempotency_key=idempotency_key)
+        job = client.jobs.create(spec, idempotency_key=idempotency_key, webhook_url=webhook_url)
         if json_out:
             _print_json(job)
         else:

@@ -18,6 +18,7 @@ nothing from the worker.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import time
@@ -30,7 +31,7 @@ import httpx
 from httpx_sse import SSEError, connect_sse
 
 __all__ = ["DEFAULT_URL", "TERMINAL_STATUSES", "DistillAPIError", "DistillClient", "DistillIntegrityError",
-           "StreamUnavailable"]  # fmt: skip
+           "StreamUnavailable", "WebhookVerificationError", "verify_webhook"]  # fmt: skip
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
@@ -196,9 +197,12 @@ class Jobs(_Resource):
     def _path(self, job_id: str, *rest: str) -> str:
         return "/".join(["/v1/jobs", quote(job_id, safe=""), *(quote(r, safe="") for r in rest)])
 
-    def create(self, spec: dict, idempotency_key: str | None = None) -> dict:
-        """POST /v1/jobs. With an Idempotency-Key, repeating the same request returns the same job."""
+    def create(self, spec: dict, idempotency_key: str | None = None, *, webhook_url: str | None = None) -> dict:
+        """POST /v1/jobs. With an Idempotency-Key, repeating the same request returns the same job. `webhook_url`
+        (or the spec's own) receives a signed POST when the job ends; see `verify_webhook`."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        if webhook_url is not None:
+            spec = {**spec, "webhook_url": webhook_url}
         return self._client._request("POST", "/v1/jobs", json=spec, headers=headers).json()
 
     def get(self, job_id: str) -> dict:
@@ -404,6 +408,48 @@ class Events(_Resource):
             time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
 
 
+class Webhooks(_Resource):
+    """The tenant's webhook signing secret (one per tenant; deliveries are signed with it)."""
+
+    def create_secret(self) -> dict:
+        """POST /v1/webhooks/secret: the first secret, in `secret`; the only time it is shown (409 if one exists)."""
+        return self._client._request("POST", "/v1/webhooks/secret").json()
+
+    def rotate_secret(self) -> dict:
+        """A new secret (shown once); the previous one also signs deliveries until `previous_expires_at`."""
+        return self._client._request("POST", "/v1/webhooks/secret/rotate").json()
+
+    def get_secret(self) -> dict:
+        """When the secret was made and its prefix; never the secret itself."""
+        return self._client._get("/v1/webhooks/secret")
+
+
+class WebhookVerificationError(Exception):
+    """A webhook request whose Distill-Signature is missing, malformed, too old, or made with another secret."""
+
+
+def verify_webhook(body: bytes, signature_header: str | None, secret: str, *, tolerance_s: float = 300,
+                   now: float | None = None) -> dict:  # fmt: skip
+    """Check a delivery and return its parsed body. `body` must be the raw request bytes, before any JSON
+    parsing. Rejects a timestamp more than `tolerance_s` from now (a replay); to reject a replay within the
+    window too, remember the `Distill-Delivery` ids you have handled (retries of one event reuse its id)."""
+    fields: dict[str, list[str]] = {}
+    for part in (signature_header or "").split(","):
+        name, sep, value = part.strip().partition("=")
+        if sep:
+            fields.setdefault(name, []).append(value)
+    try:
+        timestamp = int(fields["t"][0])
+    except (KeyError, ValueError):
+        raise WebhookVerificationError("no t=<timestamp> in the signature header") from None
+    if abs((time.time() if now is None else now) - timestamp) > tolerance_s:
+        raise WebhookVerificationError(f"the signature's timestamp is more than {tolerance_s:g} s from now")
+    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    if not any(hmac.compare_digest(expected, candidate) for candidate in fields.get("v1", [])):
+        raise WebhookVerificationError("no v1 signature matches this secret")
+    return json.loads(body)
+
+
 class DistillClient:
     """A client for one service URL and API key. Use as a context manager, or call close()."""
 
@@ -420,6 +466,7 @@ class DistillClient:
         self.files = Files(self)
         self.jobs = Jobs(self)
         self.events = Events(self)
+        self.webhooks = Webhooks(self)
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         response = self._http.request(method, path, **kwargs)

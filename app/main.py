@@ -2,7 +2,7 @@
 
 from fastapi import FastAPI
 
-from app.api.routes import files, health, jobs
+from app.api.routes import files, health, jobs, webhooks
 from app.errors import install_error_handlers
 from app.observability import configure_logging, install_metrics
 from app.settings import get_settings
@@ -19,6 +19,7 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(files.router)
     app.include_router(jobs.router)
+    app.include_router(webhooks.router)
     return app
 
 

@@ -7,6 +7,7 @@ from celery import Celery
 from app.settings import Settings, get_settings
 
 RUN_JOB = "distill.run_job"
+DELIVER_WEBHOOK = "distill.deliver_webhook"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -43,4 +44,13 @@ def publish_job(job_id: str) -> None:
     """Send the job id (and nothing else) to the workers' queue."""
     settings = get_settings()
     get_celery().send_task(RUN_JOB, args=[job_id], queue=settings.queue, retry=True,
+                           retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})  # fmt: skip
+
+
+def publish_webhook(delivery_id: str, countdown: float | None = None) -> None:
+    """Send a webhook delivery id (and nothing else) to the workers, optionally not before `countdown` seconds.
+    It shares the job queue: a free worker sends it between jobs (a delivery takes at most webhook_timeout_s)."""
+    settings = get_settings()
+    get_celery().send_task(DELIVER_WEBHOOK, args=[delivery_id], queue=settings.queue,
+                           countdown=countdown, retry=True,
                            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})  # fmt: skip

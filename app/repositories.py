@@ -5,9 +5,21 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.models import ApiKey, Artifact, File, Job, JobEvent, JobMetric, Tenant, utcnow
+from app.models import (
+    ApiKey,
+    Artifact,
+    File,
+    Job,
+    JobEvent,
+    JobMetric,
+    Tenant,
+    WebhookDelivery,
+    WebhookSecret,
+    utcnow,
+)  # fmt: skip
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -294,3 +306,99 @@ def get_artifact(session: Session, *, job_id: str, name: str) -> Artifact | None
 
 def count_artifacts(session: Session, *, job_id: str) -> int:
     return session.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job_id)) or 0
+
+
+# ---- webhooks ------------------------------------------------------------------------------------
+
+
+def get_webhook_secret(session: Session, *, tenant_id: str) -> WebhookSecret | None:
+    return session.get(WebhookSecret, tenant_id)
+
+
+def create_webhook_secret(session: Session, *, tenant_id: str, secret: str) -> WebhookSecret | None:
+    """The tenant's first secret; None when one exists already (a concurrent request may have won)."""
+    row = WebhookSecret(tenant_id=tenant_id, secret=secret, created_at=utcnow())
+    try:
+        with session.begin_nested():
+            session.add(row)
+            session.flush()
+    except IntegrityError:
+        return None
+    return row
+
+
+def rotate_webhook_secret(session: Session, *, tenant_id: str, secret: str, grace_until: datetime) -> WebhookSecret | None:
+    """Replace the secret; the old one keeps signing until grace_until. None when the tenant has none."""
+    row = session.get(WebhookSecret, tenant_id, with_for_update=True)
+    if row is None:
+        return None
+    row.previous_secret, row.previous_expires_at = row.secret, grace_until
+    row.secret, row.created_at = secret, utcnow()
+    session.flush()
+    return row
+
+
+def add_webhook_delivery(session: Session, *, delivery: WebhookDelivery) -> WebhookDelivery:
+    session.add(delivery)
+    session.flush()
+    return delivery
+
+
+def get_webhook_delivery(session: Session, *, delivery_id: str) -> WebhookDelivery | None:
+    return session.get(WebhookDelivery, delivery_id)
+
+
+def claim_webhook_attempt(session: Session, *, delivery_id: str, due_by: datetime, lease_until: datetime) -> int | None:
+    """pending and due → one more attempt, leased until lease_until. Returns the attempt number (fencing token),
+    None when the delivery is finished, not due yet, or another worker's attempt holds it."""
+    result = session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending",
+               WebhookDelivery.next_attempt_at <= due_by)
+        .values(attempts=WebhookDelivery.attempts + 1, next_attempt_at=lease_until)
+    )  # fmt: skip
+    if result.rowcount != 1:
+        return None
+    return session.scalar(select(WebhookDelivery.attempts).where(WebhookDelivery.id == delivery_id))
+
+
+def record_webhook_attempt(session: Session, *, delivery_id: str, attempt: int, status: str,
+                           next_attempt_at: datetime | None, status_code: int | None, error: str | None) -> bool:  # fmt: skip
+    """The outcome of an attempt, only if it is still the latest one."""
+    values: dict[str, Any] = {"status": status, "last_status_code": status_code, "last_error": error}
+    if next_attempt_at is not None:
+        values["next_attempt_at"] = next_attempt_at
+        values["published_at"] = utcnow()  # the caller schedules the retry next
+    if status != "pending":
+        values["finished_at"] = utcnow()
+    result = session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.attempts == attempt,
+               WebhookDelivery.status == "pending")
+        .values(**values)
+    )  # fmt: skip
+    return result.rowcount == 1
+
+
+def overdue_webhook_ids(session: Session, *, overdue_before: datetime, limit: int = 500) -> list[str]:
+    """Pending deliveries whose attempt is long overdue (its message was lost, or its worker died mid-send),
+    not published again since overdue_before."""
+    query = (
+        select(WebhookDelivery.id)
+        .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at < overdue_before,
+               or_(WebhookDelivery.published_at.is_(None), WebhookDelivery.published_at < overdue_before))
+        .order_by(WebhookDelivery.id)
+        .limit(limit)
+    )  # fmt: skip
+    return list(session.scalars(query))
+
+
+def mark_webhooks_published(session: Session, *, delivery_ids: Sequence[str]) -> None:
+    if delivery_ids:
+        session.execute(update(WebhookDelivery).where(WebhookDelivery.id.in_(delivery_ids))
+                        .values(published_at=utcnow()))  # fmt: skip
+
+
+def list_webhook_deliveries(session: Session, *, job_id: str) -> list[WebhookDelivery]:
+    return list(session.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)
+                                .order_by(WebhookDelivery.id)))  # fmt: skip

@@ -3,8 +3,10 @@
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from app.webhooks import check_webhook_url
 
 FILE_ID = r"^file_[0-9a-f]{22}$"
 JOB_ID = r"^job_[0-9a-f]{22}$"
@@ -329,6 +331,16 @@ class JobCreate(Strict):
         default=0.5, gt=0, le=4, description="Probe cost limit, as a multiple of `epochs` full-data epochs."
     )
     metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
+    webhook_url: str | None = Field(
+        default=None,
+        description="Called with a signed POST when the job succeeds, fails or is cancelled (README "
+        '"Webhooks"). https; no credentials in the URL; private and loopback targets are refused by default.',
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url_allowed(cls, v: str | None) -> str | None:
+        return None if v is None else check_webhook_url(v)
 
     @model_validator(mode="after")
     def _teachers_match_method(self):
@@ -419,6 +431,16 @@ class EventPublic(BaseModel):
     type: str
     message: str
     data: dict[str, Any]
+
+
+class WebhookSecretPublic(BaseModel):
+    object: Literal["webhook_secret"] = "webhook_secret"
+    secret: str | None = Field(description="Only in the answer that created it; never shown again.")
+    prefix: str = Field(description="The secret's first characters, to tell secrets apart.")
+    created_at: datetime
+    previous_expires_at: datetime | None = Field(
+        description="Until then deliveries also carry a signature made with the previous secret."
+    )
 
 
 class MetricPublic(BaseModel):

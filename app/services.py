@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -11,11 +12,12 @@ from app import repositories as repo
 from app.errors import ProblemError, invalid, not_found
 from app.file_checks import InvalidFile, validate_upload
 from app.ids import new_id
-from app.models import File, Job
+from app.models import File, Job, WebhookSecret, utcnow
 from app.schemas import BUILTIN_DATA, JobCreate
 from app.settings import get_settings
 from app.storage import get_store
 from app.uploads import ReceivedUpload
+from app.webhooks import new_secret, record_job_finished
 
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -116,6 +118,10 @@ def create_job(session: Session, *, tenant_id: str, body: JobCreate, idempotency
                                 "(max_active_jobs_per_tenant). Retry when one finishes.",
                            code="too_many_active_jobs", headers={"Retry-After": "30"})  # fmt: skip
     spec = _normalise_spec(session, tenant_id=tenant_id, body=body)
+    if body.webhook_url is not None and repo.get_webhook_secret(session, tenant_id=tenant_id) is None:
+        raise invalid(["body", "webhook_url"], "deliveries are signed with your webhook secret, and you have none "
+                                               "yet: create it with POST /v1/webhooks/secret or `distill webhooks "
+                                               "secret`")  # fmt: skip
     job = Job(id=new_id("job"), tenant_id=tenant_id, name=body.name, status="queued", spec=spec,
               job_metadata=body.metadata, max_attempts=get_settings().max_attempts, progress={},
               idempotency_key=idempotency_key, request_hash=digest)  # fmt: skip
@@ -133,13 +139,32 @@ def create_job(session: Session, *, tenant_id: str, body: JobCreate, idempotency
     return job, True
 
 
-def cancel_job(session: Session, *, job: Job) -> None:
+def cancel_job(session: Session, *, job: Job) -> str | None:
+    """Cancel now (queued) or ask the worker to stop (running). Returns the webhook delivery to announce after
+    commit, if cancelling ended the job and it has a webhook_url."""
+    delivery_id = None
     if job.status in repo.TERMINAL:
         raise ProblemError(409, f"Job {job.id} is already {job.status}.", code="job_finished")
     if repo.cancel_queued_job(session, job_id=job.id):
         repo.add_event(session, job_id=job.id, message="Job cancelled while queued.")
+        delivery_id = record_job_finished(session, job_id=job.id)
     elif repo.request_cancel(session, job_id=job.id):
         repo.add_event(session, job_id=job.id, message="Cancellation requested; the worker stops within a step.")
     session.refresh(job)
     if job.status in ("succeeded", "failed"):
         raise ProblemError(409, f"Job {job.id} is already {job.status}.", code="job_finished")
+    return delivery_id
+
+
+# ---- webhooks ------------------------------------------------------------------------------------
+
+
+def create_webhook_secret(session: Session, *, tenant_id: str) -> WebhookSecret | None:
+    """The tenant's first signing secret; None when it has one (rotating is a separate, deliberate act)."""
+    return repo.create_webhook_secret(session, tenant_id=tenant_id, secret=new_secret())
+
+
+def rotate_webhook_secret(session: Session, *, tenant_id: str) -> WebhookSecret | None:
+    """A new secret; the old one keeps signing (a second v1) for webhook_secret_grace_s so receivers can switch."""
+    grace_until = utcnow() + timedelta(seconds=get_settings().webhook_secret_grace_s)
+    return repo.rotate_webhook_secret(session, tenant_id=tenant_id, secret=new_secret(), grace_until=grace_until)

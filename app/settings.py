@@ -46,6 +46,21 @@ class Settings(BaseSettings):
     json_logs: bool = False
     # Uvicorn worker processes for `distill api` (0 = from the CPU count).
     api_workers: int = Field(default=0, ge=0)
+    # Job webhooks (README "Webhooks"). Private, loopback and link-local targets are refused unless this is set
+    # (a local receiver in development and tests); it guards the network the workers sit in (SSRF).
+    webhook_allow_private: bool = False
+    # Hosts a webhook_url may reach over plain http (comma-separated, e.g. "127.0.0.1,localhost"); https otherwise.
+    webhook_http_hosts: str = ""
+    # Delivery attempts before giving up, the first retry's delay (doubling after each failure) and its ceiling.
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50)
+    webhook_retry_base_s: float = Field(default=10.0, gt=0)
+    webhook_retry_max_s: float = Field(default=3600.0, gt=0)
+    # Seconds one delivery attempt may take (connect, send, and the receiver's answer).
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # After a secret is rotated, deliveries carry a signature with the previous one too, for this many seconds.
+    webhook_secret_grace_s: float = Field(default=24 * 3600.0, ge=0)
+    # The API's public base URL (e.g. "https://distill.example.com"): webhook bodies link to it; paths when unset.
+    public_base_url: str | None = None
 
     @field_validator("data_dir")
     @classmethod
@@ -59,6 +74,10 @@ class Settings(BaseSettings):
     @property
     def broker_url(self) -> str:
         return self.redis_url or f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+
+    @property
+    def webhook_http_host_set(self) -> frozenset[str]:
+        return frozenset(h.strip().lower() for h in self.webhook_http_hosts.split(",") if h.strip())
 
     @property
     def store_url(self) -> str:

@@ -8,6 +8,7 @@ from app.settings import get_settings
 celery_app = make_celery(get_settings())
 
 import worker.tasks  # noqa: E402  (registers the tasks on celery_app)
+import worker.webhooks  # noqa: E402  (registers the webhook delivery task)
 from worker.reconciler import start_reconciler  # noqa: E402
 
 

@@ -11,8 +11,9 @@ from datetime import timedelta
 from app import repositories as repo
 from app.db import session_scope
 from app.models import utcnow
-from app.queue import publish_job
+from app.queue import publish_job, publish_webhook
 from app.settings import get_settings
+from app.webhooks import announce, record_job_finished
 
 log = logging.getLogger(__name__)
 _started = threading.Event()
@@ -22,8 +23,11 @@ def reconcile_once() -> dict:
     settings = get_settings()
     with session_scope() as session:
         failed = repo.fail_exhausted_jobs(session)
+        deliveries = []
         for job_id in failed:
             repo.add_event(session, job_id=job_id, level="error", message="Failed: out of attempts.")
+            deliveries.append(record_job_finished(session, job_id=job_id))
+    announce(deliveries)
     with session_scope() as session:
         stranded = repo.stranded_job_ids(session, requeue_before=utcnow() - timedelta(seconds=settings.requeue_after_s))
     published = []
@@ -38,7 +42,28 @@ def reconcile_once() -> dict:
         with session_scope() as session:
             repo.mark_published(session, job_ids=published)
         log.info("reconciler re-published %d job(s): %s", len(published), ", ".join(published[:10]))
-    return {"failed": failed, "published": published}
+    return {"failed": failed, "published": published, "webhooks": _republish_overdue_webhooks(settings)}
+
+
+def _republish_overdue_webhooks(settings) -> list[str]:
+    """A delivery whose message was lost (a worker died between commit and publish, a broker restart) or whose
+    attempt's worker died mid-send is pending and long past due: publish it again. Duplicates send nothing: an
+    attempt is claimed in the database."""
+    with session_scope() as session:
+        overdue = repo.overdue_webhook_ids(session, overdue_before=utcnow() - timedelta(seconds=settings.requeue_after_s))
+    published = []
+    for delivery_id in overdue:
+        try:
+            publish_webhook(delivery_id)
+            published.append(delivery_id)
+        except Exception:
+            log.warning("reconciler could not publish webhook %s", delivery_id, exc_info=True)
+            break
+    if published:
+        with session_scope() as session:
+            repo.mark_webhooks_published(session, delivery_ids=published)
+        log.info("reconciler re-published %d webhook(s): %s", len(published), ", ".join(published[:10]))
+    return published
 
 
 def _loop(interval_s: float) -> None:

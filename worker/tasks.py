@@ -26,6 +26,7 @@ from app.models import Artifact
 from app.queue import RUN_JOB, publish_job
 from app.settings import get_settings
 from app.storage import get_store
+from app.webhooks import announce, record_job_finished
 from worker.celery_app import celery_app
 from worker.engine import (
     Callback, CancelCallback, CheckpointCallback, EngineError, ProgressCallback, RunInputs, TeacherInput,
@@ -204,8 +205,12 @@ def _claim(job_id: str) -> Claim | None:
     with session_scope() as session:
         attempt = repo.claim_job(session, job_id=job_id, worker_id=WORKER_ID, lease_seconds=settings.lease_seconds)
         if attempt is None:
+            deliveries = []
             for failed_id in repo.fail_exhausted_jobs(session, job_ids=[job_id]):
                 repo.add_event(session, job_id=failed_id, level="error", message="Failed: out of attempts.")
+                deliveries.append(record_job_finished(session, job_id=failed_id))
+            session.commit()
+            announce(deliveries)
             return None
         job = repo.get_job(session, job_id=job_id)
         claim = Claim(job_id, attempt, job.spec, job.checkpoint_key, job.checkpoint_epoch)
@@ -288,9 +293,12 @@ def _publish_artifacts(claim: Claim, result) -> bool:
             repo.add_artifacts(session, artifacts=rows)
             repo.add_event(session, job_id=claim.job_id, message="Job succeeded.",
                            data={"artifacts": [r.name for r in rows]})  # fmt: skip
+            delivery[:] = [record_job_finished(session, job_id=claim.job_id)]
             return True
 
+    delivery: list[str | None] = []
     won = _retrying(finish, what="finish")
+    announce(delivery)
     if not won:
         store.delete_prefix(prefix + "/")  # the slash: on S3, attempt-1 must not match attempt-12
         return False
@@ -317,8 +325,11 @@ def _finish(claim: Claim, status: str, *, message: str, level: str = "info", err
             if repo.finish_job(session, job_id=claim.job_id, attempt=claim.attempt, status=status, error=error,
                                summary=summary):  # fmt: skip
                 repo.add_event(session, job_id=claim.job_id, level=level, message=message, data=error or {})
+                delivery[:] = [record_job_finished(session, job_id=claim.job_id)]
 
+    delivery: list[str | None] = []
     _retrying(write, what=f"finish as {status}")
+    announce(delivery)
 
 
 def _hand_back(claim: Claim) -> bool:

@@ -23,6 +23,7 @@ from app.schemas import (
 )  # fmt: skip
 from app.services import cancel_job as cancel_job_service, create_job as create_job_service
 from app.storage import get_store
+from app.webhooks import announce
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problem_responses(401, 404, 422, 503))
 log = logging.getLogger(__name__)
@@ -109,8 +110,9 @@ async def get_job(job_id: str, tenant_id: CurrentTenant) -> Response:
 def cancel_job(job_id: str, session: SessionDep, tenant_id: CurrentTenant) -> JobPublic:
     """Cancel a queued job at once, or ask a running one to stop (cooperatively, within a step)."""
     job = _own_job(session, tenant_id, job_id)
-    cancel_job_service(session, job=job)
+    delivery_id = cancel_job_service(session, job=job)
     session.commit()
+    announce([delivery_id])
     return job_public(job)
 
 
