@@ -59,7 +59,7 @@ def test_image_folder_zip_loads_resized_with_sorted_class_ids(tmp_path):
 
 def test_train_and_val_folders_give_the_validation_split(tmp_path):
     path = image_zip(tmp_path / "split.zip", split=True)
-    x, y, extras = load_dataset(str(path), None, options=DataOptions(image_size=[4, 4]))
+    x, _, extras = load_dataset(str(path), None, options=DataOptions(image_size=[4, 4]))
     xv, yv = extras["validation"]
     assert len(x) == 9 and len(xv) == 3 and sorted(yv.tolist()) == [0, 1, 2]
 

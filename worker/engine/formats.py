@@ -205,7 +205,7 @@ def read_images(path: Path, options: DataOptions) -> dict:
     return out
 
 
-def _decode(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, Image, mode: str, size) -> np.ndarray:  # noqa: N803
+def _decode(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, Image, mode: str, size) -> np.ndarray:
     member = info.filename[:200]
     try:
         with zf.open(info) as f:
@@ -360,19 +360,18 @@ def data_report(*, fmt: str, x, y, xv, yv, num_classes: int, class_names: list[s
     """What the job trained on: class balance, shapes and dtypes, train/val duplicates, missing values."""
     train_counts, val_counts = class_balance(y, num_classes), class_balance(yv, num_classes)
     names = class_names or [str(i) for i in range(num_classes)]
+    balance = [
+        {"id": i, "name": names[i] if i < len(names) else str(i),
+         "train": train_counts[i] if train_counts else None, "validation": val_counts[i] if val_counts else None}
+        for i in range(num_classes)
+    ]  # fmt: skip
+    x_info = {"shape": [int(d) for d in x.shape[1:]], "dtype": stored_dtype or str(x.dtype), "model_dtype": str(x.dtype)}
     report = {
         "format": fmt,
         "rows": {"train": len(x), "validation": len(xv)},
-        "features": {
-            "x": {"shape": [int(d) for d in x.shape[1:]], "dtype": stored_dtype or str(x.dtype),
-                  "model_dtype": str(x.dtype)},  # fmt: skip
-        },
+        "features": {"x": x_info},
         "class_names": class_names,
-        "class_balance": [
-            {"id": i, "name": names[i] if i < len(names) else str(i),
-             "train": train_counts[i] if train_counts else None, "validation": val_counts[i] if val_counts else None}
-            for i in range(num_classes)
-        ],  # fmt: skip
+        "class_balance": balance,
         "duplicates_train_validation": count_duplicates(x, xv),
         "missing_values": missing,
     }
