@@ -1,13 +1,20 @@
-"""Upload validation by content, without unpickling or loading tensors: safetensors headers and npz members.
+"""Upload validation by content, without unpickling, loading tensors, inflating or decoding anything:
+safetensors headers, npz members' .npy headers, an image-folder zip's central directory, a CSV's header line
+and a Parquet file's magic bytes.
 
-Each check reads only headers (bounded sizes), so a hostile file costs bounded memory.
+Each check reads only headers (bounded sizes), so a hostile file costs bounded memory. The worker repeats the
+zip checks (worker/engine/formats.py, same limits) and does what is too costly here: decoding images,
+reading tables, and Parquet's column names (reading its footer needs pyarrow, a worker dependency).
 """
 
+import csv
+import io
 import json
+import stat
 import struct
 import zipfile
 from math import prod
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -17,6 +24,14 @@ DTYPE_BYTES = {
     "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
 }  # fmt: skip
 DATA_ARRAYS = {"x", "y", "x_teacher"}
+# Image-folder zips: the same bounds as the worker's (worker/engine/formats.py).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+SPLIT_FOLDERS = ("train", "val")
+ZIP_MAX_ENTRIES = 100_000
+ZIP_MAX_BYTES = 4 * 1024**3  # declared uncompressed total
+ZIP_MAX_RATIO = 200  # uncompressed / compressed, per entry
+MAX_CSV_HEADER_BYTES = 1024 * 1024
+TABLE_FORMATS = ("csv", "parquet")
 
 
 class InvalidFile(ValueError):
@@ -24,15 +39,40 @@ class InvalidFile(ValueError):
 
 
 def sniff_format(path: Path) -> str:
+    """``npz``, ``images``, ``safetensors``, ``parquet`` or ``csv`` by content (uploads are often renamed)."""
     with open(path, "rb") as f:
-        head = f.read(9)
+        head = f.read(4096)
     if head[:4] == b"PK\x03\x04":
-        return "npz"
-    if len(head) == 9 and head[8:9] == b"{":
+        return "npz" if _is_npz(path) else "images"
+    if head[:4] == b"PAR1":
+        return "parquet"
+    if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     if head[:1] == b"\x80":
         raise InvalidFile("pickle data is refused: upload weights as safetensors and arrays as npz or safetensors")
-    raise InvalidFile("unrecognised file format: expected safetensors or npz")
+    if _looks_like_text(head):
+        return "csv"
+    raise InvalidFile("unrecognised file format: expected safetensors, npz, a zip of image folders, CSV or Parquet")
+
+
+def _is_npz(path: Path) -> bool:
+    """An npz holds top-level .npy members only; any other zip is read as image folders."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [i.filename for i in zf.infolist() if not i.is_dir()]
+    except (zipfile.BadZipFile, OSError) as e:
+        raise InvalidFile(f"not a valid zip archive: {e}") from None
+    return bool(names) and all(n.endswith(".npy") and "/" not in n for n in names)
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if not head or b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3  # the read may have cut a multi-byte character
+    return True
 
 
 def inspect_safetensors(path: Path) -> dict:
@@ -134,6 +174,90 @@ def _check_dataset(tensors: dict) -> dict:
             "has_x_teacher": "x_teacher" in tensors}  # fmt: skip
 
 
+def inspect_image_zip(path: Path) -> dict:
+    """The central directory only: bounds against zip bombs, no path escapes or links, the folder layout."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise InvalidFile(f"not a valid zip archive: {e}") from None
+    if len(infos) > ZIP_MAX_ENTRIES:
+        raise InvalidFile(f"the zip has {len(infos)} entries; at most {ZIP_MAX_ENTRIES} are accepted")
+    total = sum(i.file_size for i in infos)
+    if total > ZIP_MAX_BYTES:
+        raise InvalidFile(f"the zip would unpack to {total} bytes; at most {ZIP_MAX_BYTES} are accepted")
+    counts: dict[str, dict[str, int]] = {}
+    for info in infos:
+        member = info.filename
+        parts = PurePosixPath(member.replace("\\", "/")).parts
+        if member.startswith(("/", "\\")) or (len(member) > 1 and member[1] == ":"):
+            raise InvalidFile(f"zip member {member[:200]!r} has an absolute path")
+        if ".." in parts:
+            raise InvalidFile(f"zip member {member[:200]!r} leaves the archive ('..')")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise InvalidFile(f"zip member {member[:200]!r} is a symbolic link")
+        if info.file_size > ZIP_MAX_RATIO * max(info.compress_size, 1):
+            raise InvalidFile(f"zip member {member[:200]!r} is compressed more than {ZIP_MAX_RATIO}:1 "
+                              f"({info.file_size} bytes from {info.compress_size})")  # fmt: skip
+        if info.is_dir() or any(p == "__MACOSX" or p.startswith(".") for p in parts):
+            continue
+        if PurePosixPath(member).suffix.lower() not in IMAGE_SUFFIXES:
+            raise InvalidFile(f"zip member {member[:200]!r} is not a .png, .jpg or .jpeg image")
+        if len(parts) == 2:
+            split, label = "all", parts[0]
+        elif len(parts) == 3 and parts[0] in SPLIT_FOLDERS:
+            split, label = parts[0], parts[1]
+        else:
+            raise InvalidFile(f"zip member {member[:200]!r} is not at class_name/image or train|val/class_name/image")
+        counts.setdefault(split, {}).setdefault(label, 0)
+        counts[split][label] += 1
+    if not counts:
+        raise InvalidFile("the zip holds no .png, .jpg or .jpeg images in class folders")
+    if "all" in counts and len(counts) > 1:
+        raise InvalidFile("the zip mixes class folders at the top with train/ and val/ folders")
+    if len(counts) == 1 and "all" not in counts:
+        raise InvalidFile(f"the zip has a {next(iter(counts))}/ folder but not the other: give both train/ and "
+                          "val/, or put the class folders at the top")  # fmt: skip
+    unknown = sorted(set(counts.get("val", {})) - set(counts.get("train", {})))
+    if unknown:
+        raise InvalidFile(f"val/ has classes that train/ lacks: {unknown[:10]}")
+    return {"layout": "class_folders" if "all" in counts else "train_val", "classes": sorted(counts.get("train") or
+            counts["all"]), "images": {split: sum(c.values()) for split, c in counts.items()},
+            "has_labels": True, "has_x_teacher": False}  # fmt: skip
+
+
+def inspect_csv(path: Path) -> dict:
+    """The header line: comma-separated, unique, non-empty column names."""
+    with open(path, "rb") as f:
+        first = f.readline(MAX_CSV_HEADER_BYTES + 1)
+    if len(first) > MAX_CSV_HEADER_BYTES:
+        raise InvalidFile(f"the CSV header line is longer than {MAX_CSV_HEADER_BYTES} bytes")
+    try:
+        columns = next(csv.reader(io.StringIO(first.decode("utf-8-sig"))), [])
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise InvalidFile(f"cannot read the CSV header line: {e}") from None
+    if len(columns) < 2:
+        raise InvalidFile("a CSV data set needs a header line with at least two comma-separated columns "
+                          "(features and a label)")  # fmt: skip
+    if any(not c for c in columns) or len(set(columns)) != len(columns):
+        raise InvalidFile("CSV column names must be non-empty and unique")
+    return {"columns": columns, "has_labels": True, "has_x_teacher": False}
+
+
+def inspect_parquet(path: Path) -> dict:
+    """Magic bytes at both ends and a footer that fits the file; the schema is read by the worker."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < 12:
+            raise InvalidFile("truncated Parquet file")
+        f.seek(size - 8)
+        tail = f.read(8)
+    footer = int.from_bytes(tail[:4], "little")
+    if tail[4:] != b"PAR1" or footer > size - 12:
+        raise InvalidFile("truncated or malformed Parquet file (no footer)")
+    return {"columns": None, "has_labels": True, "has_x_teacher": False}
+
+
 def validate_upload(path: Path, purpose: str) -> tuple[str, dict]:
     """Return (format, details) or raise InvalidFile."""
     fmt = sniff_format(path)
@@ -141,6 +265,12 @@ def validate_upload(path: Path, purpose: str) -> tuple[str, dict]:
         if fmt != "safetensors":
             raise InvalidFile("teacher weights must be a safetensors file")
         return fmt, inspect_safetensors(path)
+    if fmt == "images":
+        return fmt, inspect_image_zip(path)
+    if fmt == "csv":
+        return fmt, inspect_csv(path)
+    if fmt == "parquet":
+        return fmt, inspect_parquet(path)
     details = inspect_safetensors(path) if fmt == "safetensors" else inspect_npz(path)
     details.update(_check_dataset(details["tensors"]))
     return fmt, details

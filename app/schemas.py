@@ -289,6 +289,23 @@ AugmentationStep = Annotated[
 MIXING_AUGMENTATIONS = {"mixup", "cutmix"}
 
 
+ColumnName = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class DataOptions(Strict):
+    """How image-folder zips and tables become arrays; array files (npz, safetensors) need none of it."""
+
+    image_size: tuple[Annotated[int, Field(ge=1, le=1024)], Annotated[int, Field(ge=1, le=1024)]] | None = Field(
+        default=None, description="Image folders: [H, W] every image is resized to (required for them)."
+    )
+    image_mode: Literal["L", "RGB"] = Field(default="RGB", description="Image folders: L = 1 channel, RGB = 3.")
+    label_column: ColumnName | None = Field(default=None, description="Tables: the column of labels (required).")
+    feature_columns: list[ColumnName] | None = Field(
+        default=None, min_length=1, max_length=4096,
+        description="Tables: the numeric input columns; null = every column but the label.",
+    )  # fmt: skip
+
+
 class Hyperparameters(Strict):
     epochs: int = Field(default=30, ge=1, le=10_000)
     batch_size: int = Field(default=128, ge=1, le=65_536)
@@ -310,6 +327,7 @@ class JobCreate(Strict):
     train_file: str = Field(description="A dataset file id, or builtin:mnist1d / builtin:digits.")
     validation_file: str | None = None
     method: Method
+    data: DataOptions = Field(default_factory=DataOptions, description="Options for image folders and tables.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     augmentation: Literal["none"] | AugmentationName | list[AugmentationName | AugmentationStep] = Field(
         default="none",

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app import repositories as repo
 from app.errors import ProblemError, invalid, not_found
-from app.file_checks import InvalidFile, validate_upload
+from app.file_checks import TABLE_FORMATS, InvalidFile, validate_upload
 from app.ids import new_id
 from app.models import File, Job, WebhookSecret, utcnow
 from app.schemas import BUILTIN_DATA, JobCreate
@@ -18,7 +18,6 @@ from app.settings import get_settings
 from app.storage import get_store
 from app.uploads import ReceivedUpload
 from app.webhooks import new_secret, record_job_finished
-
 
 # ---- files ---------------------------------------------------------------------------------------
 
@@ -49,14 +48,15 @@ def request_hash(body: dict[str, Any]) -> str:
 
 
 def _dataset(session: Session, *, tenant_id: str, ref: str, loc: list, needs_labels: bool,
-             needs_x_teacher: bool = False) -> None:  # fmt: skip
+             needs_x_teacher: bool = False) -> File | None:  # fmt: skip
+    """The dataset file ``ref`` names (None for a built-in), checked against what the method needs."""
     if ref.startswith("builtin:"):
         if ref not in BUILTIN_DATA:
             raise invalid(loc, f"unknown built-in dataset {ref!r}; valid: {', '.join(BUILTIN_DATA)}")
         if needs_x_teacher:
             raise invalid(loc, f"built-in dataset {ref} has no 'x_teacher' (the teacher's modality), which "
                                "cross-modal distillation needs; upload a dataset with x, x_teacher")  # fmt: skip
-        return
+        return None
     if not ref.startswith("file_"):
         raise invalid(loc, "expected a dataset file id (file_…) or a built-in dataset name")
     file = repo.get_file(session, tenant_id=tenant_id, file_id=ref)
@@ -70,6 +70,45 @@ def _dataset(session: Session, *, tenant_id: str, ref: str, loc: list, needs_lab
     if needs_x_teacher and not file.details.get("has_x_teacher"):
         raise invalid(loc, f"file {ref} has no 'x_teacher' array (the teacher's modality, paired row by row "
                            "with 'x'), which cross-modal distillation needs")  # fmt: skip
+    return file
+
+
+def _check_data_options(body: JobCreate, files: list[tuple[File | None, str]]) -> None:
+    """``data`` against the kinds of the job's files: each kind's required option, header columns, no strays."""
+    data, formats = body.data, {f.format for f, _ in files if f is not None}
+    for file, field in files:
+        if file is None:
+            continue
+        if file.format == "images":
+            if data.image_size is None:
+                raise invalid(["body", "data", "image_size"], f"{field} {file.id} is a zip of image folders: "
+                              "give data.image_size [H, W] to resize its images to")  # fmt: skip
+            if field == "train_file" and file.details.get("layout") == "train_val" and body.validation_file:
+                raise invalid(["body", "validation_file"], f"train_file {file.id} holds its own val/ folder; "
+                                                           "give no validation_file")  # fmt: skip
+        if file.format in TABLE_FORMATS:
+            if data.label_column is None:
+                raise invalid(["body", "data", "label_column"], f"{field} {file.id} is a {file.format} table: "
+                              "name its label column in data.label_column")  # fmt: skip
+            if data.feature_columns and data.label_column in data.feature_columns:
+                raise invalid(["body", "data", "feature_columns"],
+                              f"the label column {data.label_column!r} cannot also be a feature column")  # fmt: skip
+            columns = file.details.get("columns")  # CSV header; a Parquet schema is checked by the worker
+            if columns is not None:
+                if data.label_column not in columns:
+                    raise invalid(["body", "data", "label_column"], f"column {data.label_column!r} is not in "
+                                  f"the header of {field} {file.id}: {columns[:50]}")  # fmt: skip
+                absent = [c for c in data.feature_columns or [] if c not in columns]
+                if absent:
+                    raise invalid(["body", "data", "feature_columns"], f"columns {absent[:10]} are not in the "
+                                  f"header of {field} {file.id}: {columns[:50]}")  # fmt: skip
+    if data.image_size is not None and "images" not in formats:
+        raise invalid(["body", "data", "image_size"], "data.image_size applies to image-folder zips, and this "
+                                                      "job's data files are not one")  # fmt: skip
+    if (data.label_column or data.feature_columns) and not formats & set(TABLE_FORMATS):
+        field = "label_column" if data.label_column else "feature_columns"
+        raise invalid(["body", "data", field], f"data.{field} applies to CSV and Parquet tables, and this "
+                                               "job's data files are not one")  # fmt: skip
 
 
 def _normalise_spec(session: Session, *, tenant_id: str, body: JobCreate) -> dict[str, Any]:
@@ -77,11 +116,13 @@ def _normalise_spec(session: Session, *, tenant_id: str, body: JobCreate) -> dic
     # Labels and the teacher's modality, per method (see the Method classes); a validation file without
     # labels is allowed where training needs none (only teacher agreement can then be measured).
     needs_labels, needs_x_teacher = body.method.needs_labels(), body.method.needs_x_teacher
-    _dataset(session, tenant_id=tenant_id, ref=body.train_file, loc=["body", "train_file"],
-             needs_labels=needs_labels, needs_x_teacher=needs_x_teacher)  # fmt: skip
+    files = [(_dataset(session, tenant_id=tenant_id, ref=body.train_file, loc=["body", "train_file"],
+                       needs_labels=needs_labels, needs_x_teacher=needs_x_teacher), "train_file")]  # fmt: skip
     if body.validation_file is not None:
-        _dataset(session, tenant_id=tenant_id, ref=body.validation_file, loc=["body", "validation_file"],
-                 needs_labels=needs_labels, needs_x_teacher=needs_x_teacher)  # fmt: skip
+        files.append((_dataset(session, tenant_id=tenant_id, ref=body.validation_file,
+                               loc=["body", "validation_file"], needs_labels=needs_labels,
+                               needs_x_teacher=needs_x_teacher), "validation_file"))  # fmt: skip
+    _check_data_options(body, files)
     for i, teacher in enumerate(spec["teachers"]):
         loc = ["body", "teachers", i]
         if teacher["weights_file"]:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EngineError
+from .formats import DataOptions, detect_format, read_images, read_table
 from .mapped import MappedRows, open_safetensors
 
 BUILTIN_PREFIX = "builtin:"
@@ -38,22 +39,25 @@ _CODE = "invalid_data"
 # --------------------------------------------------------------------------- reading files
 
 
-def _read_arrays(path: Path, memory_limit: int | None = None) -> tuple[str, dict]:
-    """Return (format, {name: array}) for a .npz or .safetensors file (large safetensors: mapped)."""
+def _read_arrays(path: Path, memory_limit: int | None = None, options: DataOptions | None = None) -> tuple[str, dict]:
+    """Return (format, {name: array}) for any data file kind ``formats.detect_format`` knows.
+
+    Image folders and tables add ``class_names`` (and ``missing``, ``validation``) beside the arrays.
+    """
     path = Path(path)
     if not path.is_file():
         raise EngineError(_CODE, f"data file {path.name!r} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    # Sniff the content rather than trusting the extension: uploads are often renamed.
-    if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
-        return "npz", _read_npz(path)
-    if len(head) == 8 and 0 < int.from_bytes(head, "little") < 100_000_000:
+    # Sniffed from the content rather than the extension: uploads are often renamed.
+    fmt = detect_format(path)
+    if fmt == "npz":
+        return fmt, _read_npz(path)
+    if fmt == "safetensors":
         limit = DATA_MEMORY_LIMIT if memory_limit is None else memory_limit
-        if path.stat().st_size > limit:
-            return "safetensors", _map_safetensors(path)
-        return "safetensors", _read_safetensors(path)
-    raise EngineError(_CODE, f"data file {path.name!r} is neither an .npz archive nor a safetensors file")
+        return fmt, _map_safetensors(path) if path.stat().st_size > limit else _read_safetensors(path)
+    options = options or DataOptions()
+    if fmt == "images":
+        return fmt, read_images(path, options)
+    return fmt, read_table(path, fmt, options)
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -185,14 +189,18 @@ def array_identity(*arrays) -> str:
 
 
 def load_dataset(
-    source: str, cache_dir: Path | None, memory_limit: int | None = None
+    source: str, cache_dir: Path | None, memory_limit: int | None = None, options: DataOptions | None = None
 ) -> tuple[np.ndarray | MappedRows, np.ndarray | None, dict]:
     """Load ``source`` (a local file path or ``builtin:NAME``) as ``(x, y, extras)``.
 
     ``extras`` holds ``x_teacher`` when present, plus ``format``, ``identity``
-    (a content hash used in teacher-cache keys) and ``mapped`` (True when ``x`` is
+    (a content hash used in teacher-cache keys), ``mapped`` (True when ``x`` is
     read through a memory map: a safetensors file larger than ``memory_limit``,
-    default ``DATA_MEMORY_LIMIT``).
+    default ``DATA_MEMORY_LIMIT``), ``stored_dtype`` (of ``x`` in the file),
+    ``class_names`` (image folders, tables with string labels; else None),
+    ``missing`` (tables: filled values per feature column) and, for an image zip
+    with ``train/`` and ``val/`` folders, ``validation``: the ``(x, y)`` of ``val/``.
+    ``options`` (``spec.data``) says how image folders and tables become arrays.
     """
     source = str(source)
     if source.startswith(BUILTIN_PREFIX):
@@ -200,15 +208,23 @@ def load_dataset(
         arrays = _load_builtin(name, cache_dir)
         fmt = "builtin"
     else:
-        fmt, arrays = _read_arrays(Path(source), memory_limit)
-    x, y, extras = _check_arrays(arrays, Path(source).name if fmt != "builtin" else source)
+        fmt, arrays = _read_arrays(Path(source), memory_limit, options)
+    label = Path(source).name if fmt != "builtin" else source
+    stored_dtype = str(arrays["x"].dtype) if "x" in arrays else None
+    x, y, extras = _check_arrays(arrays, label)
+    if "validation" in arrays:
+        xv, yv, _ = _check_arrays(arrays["validation"], f"{label} val/")
+        extras["validation"] = (xv, yv)
     extras["format"] = fmt
+    extras["stored_dtype"] = stored_dtype
+    extras["class_names"] = arrays.get("class_names")
+    extras["missing"] = arrays.get("missing")
     extras["mapped"] = isinstance(x, MappedRows)
     extras["identity"] = array_identity(x, y, extras.get("x_teacher"))
     return x, y, extras
 
 
-def validate_data_file(path: Path, memory_limit: int | None = None) -> dict:
+def validate_data_file(path: Path, memory_limit: int | None = None, options: DataOptions | None = None) -> dict:
     """Inspect an uploaded data file without training on it.
 
     Returns ``{"format", "n", "x_shape", "x_dtype", "classes"}`` where ``x_shape`` is
@@ -216,7 +232,7 @@ def validate_data_file(path: Path, memory_limit: int | None = None) -> dict:
     Raises ``EngineError("invalid_data")`` for object arrays, a missing ``x``, a
     length mismatch or non-integer ``y``.
     """
-    fmt, arrays = _read_arrays(Path(path), memory_limit)
+    fmt, arrays = _read_arrays(Path(path), memory_limit, options)
     stored_dtype = str(arrays["x"].dtype) if "x" in arrays else None
     x, y, extras = _check_arrays(arrays, Path(path).name)
     return {

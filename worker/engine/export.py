@@ -121,6 +121,27 @@ def _size(n) -> str:
         n /= 1024
 
 
+def _data_report_lines(report: dict) -> list[str]:
+    """The model card's "Data report" section: what the model was trained on, and what to watch for."""
+    features = ", ".join(f"`{k}` {v['shape']} ({v['dtype']})" for k, v in report["features"].items())
+    lines = [
+        "",
+        "## Data report",
+        "",
+        f"- Format: `{report['format']}`; features: {features}",
+        f"- Rows: {report['rows']['train']:,} train, {report['rows']['validation']:,} validation",
+        f"- Validation rows that also occur in train (exact duplicates): {report['duplicates_train_validation']:,}",
+    ]
+    for source, columns in (report.get("missing_values") or {}).items():
+        filled = ", ".join(f"`{c}`: {n:,}" for c, n in columns.items()) or "none"
+        lines.append(f"- Missing values in {source} (filled with the column mean): {filled}")
+    lines += ["", "| class id | name | train | validation |", "| --- | --- | --- | --- |"]
+    for c in report["class_balance"]:
+        name = str(c['name']).replace('|', '\\|')
+        lines.append(f"| {c['id']} | {name} | {_num(c['train'], '{:,}')} | {_num(c['validation'], '{:,}')} |")
+    return lines
+
+
 def write_model_card(
     path: Path,
     *,
@@ -209,6 +230,9 @@ def write_model_card(
                 else "– (undefined: the teacher is not better than the baseline)"
             )
         )
+
+    if data.get("report"):
+        lines += _data_report_lines(data["report"])
 
     recipe = s.get("recipe")
     if recipe:

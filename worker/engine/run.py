@@ -34,6 +34,7 @@ from .evaluate import cpu_latency_ms, fused_predictions
 from .export import export_onnx, write_metrics, write_model_card
 from .plots import write_training_curves
 from .features import feature_bytes, feature_shapes
+from .formats import align_labels, data_report, parse_data_options
 from .mapped import MappedRows
 from .methods import Probe, SupervisedConfig, SupervisedLoss, parse_method
 from .teacher_cache import cache_key, teacher_logits, teacher_outputs
@@ -141,6 +142,7 @@ def _empty_summary(job_id: str, method: str | None, device: str) -> dict:
         "onnx_max_abs_diff": None,
         "method_metrics": {},
         "stages": None,
+        "class_names": None,
     }
 
 
@@ -173,7 +175,9 @@ def _search_and_run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
         f"recipe_budget must be a number in (0, 4], got {raw_budget!r}",
         "recipe_budget",
     )
-    x, y, _ = load_dataset(inputs.train_data, inputs.cache_dir, inputs.data_memory_budget)
+    x, y, _ = load_dataset(
+        inputs.train_data, inputs.cache_dir, inputs.data_memory_budget, parse_data_options(spec.get("data"))
+    )
     pool = recipe.candidates(spec, floating_inputs=x.dtype.kind != "i", has_labels=y is not None)
     del x, y
     budget = max(1.0, raw_budget * config.epochs)
@@ -280,12 +284,20 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
         student_arch = (spec.get("student") or {}).get("architecture")
         summary["epochs"] = config.epochs
 
-        budget = inputs.data_memory_budget
-        x, y, extras = load_dataset(inputs.train_data, inputs.cache_dir, budget)
+        budget, data_options = inputs.data_memory_budget, parse_data_options(spec.get("data"))
+        x, y, extras = load_dataset(inputs.train_data, inputs.cache_dir, budget, data_options)
+        file_split = extras.pop("validation", None)  # an image zip's val/ folder
         if inputs.validation_data is not None:
-            xv, yv, extras_v = load_dataset(inputs.validation_data, inputs.cache_dir, budget)
+            if file_split is not None:
+                raise EngineError("invalid_spec", "train_file holds its own val/ folder; give no validation_file",
+                                  param="validation_file")  # fmt: skip
+            xv, yv, extras_v = load_dataset(inputs.validation_data, inputs.cache_dir, budget, data_options)
             _check_validation_matches(x, extras, xv, extras_v)
+            yv = align_labels(yv, extras_v.get("class_names"), extras.get("class_names"))
             validation_label = describe_source(inputs.validation_data)
+        elif file_split is not None:
+            (xv, yv), extras_v = file_split, {}
+            validation_label = "the val/ folder of train_file"
         else:
             train_idx, val_idx = split_validation(len(x), config.validation_fraction, config.seed)
             # By index: in-memory arrays are copied, mapped ones become views (nothing is read).
@@ -297,6 +309,14 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
                 extras = {**extras, "x_teacher": take_rows(extras["x_teacher"], train_idx)}
             validation_label = f"{config.validation_fraction:g} of train, seed {config.seed}"
         num_classes = _num_classes(y, yv, inputs.teachers)
+        class_names = extras.get("class_names")
+        if class_names is not None and len(class_names) < num_classes:
+            class_names = None  # names for some ids only (a teacher knows more classes): ids are clearer
+        report = None
+        if not probing:
+            report = _data_report(extras, extras_v, x, y, xv, yv, num_classes, class_names)
+            summary["class_names"] = class_names
+            log("info", "data report", **report)
         if inputs.probe_rows is not None and inputs.probe_rows < 1.0:
             keep = np.sort(
                 np.random.default_rng(config.seed).permutation(len(x))[
@@ -630,6 +650,7 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
             "input_shape": summary["input_shape"],
             "input_dtype": summary["input_dtype"],
             "num_classes": num_classes,
+            "class_names": class_names,
             "job_id": inputs.job_id,
             "method": spec.get("method"),
             "val_accuracy": summary["val_accuracy"],
@@ -668,6 +689,7 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
             "baseline_history": baseline_history,
             "stage_history": {r["name"]: r["history"] for r in stage_results[:-1]},
             "phases": phases,
+            "data_report": report,
         },
     )
     artifacts["metrics.json"] = metrics_path
@@ -701,6 +723,7 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
             "validation": validation_label,
             "n_train": len(x),
             "n_val": len(xv),
+            "report": report,
         },
         extra_files=sorted(extra_files),
         curves_file=curves_path.name if curves_path.name in artifacts else None,
@@ -729,6 +752,17 @@ def _num_classes(y: np.ndarray | None, yv: np.ndarray | None, teachers: list[Tea
     raise EngineError(
         "invalid_data", "the data has no labels 'y', so the class count is unknown", "train_file"
     )
+
+
+def _data_report(extras, extras_v, x, y, xv, yv, num_classes: int, class_names) -> dict:
+    """``formats.data_report`` for this job's splits; missing values per file, for tables only."""
+    missing = None
+    if extras.get("missing") is not None or extras_v.get("missing") is not None:
+        missing = {"train_file": extras.get("missing") or {}, "validation_file": extras_v.get("missing") or {}}
+    return data_report(
+        fmt=extras["format"], x=x, y=y, xv=xv, yv=yv, num_classes=num_classes, class_names=class_names,
+        stored_dtype=extras.get("stored_dtype"), missing=missing, x_teacher=extras.get("x_teacher"),
+    )  # fmt: skip
 
 
 def accuracy_of(predictions: torch.Tensor | None, y: torch.Tensor | None) -> float | None:
