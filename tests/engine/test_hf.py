@@ -43,7 +43,7 @@ def _packed(data) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", ["bert", "distilbert", "llama"])
 def test_teacher_zip_loads_offline_and_matches_the_saved_model(tmp_path, token_files, family):
-    folder, train, test = token_files
+    _, train, test = token_files
     path = hf_teacher_zip(tmp_path, family, train, steps=60)
     teacher = load_model(HF, path, (2, 16), 3, who="teacher 0", param="teachers[0]",
                          param_prefix="teachers[0].architecture").eval()  # fmt: skip
@@ -153,3 +153,35 @@ def test_hf_teacher_teaches_a_builtin_transformer_student(tmp_path, token_files)
     with pytest.raises(EngineError) as err:
         run(tmp_path, spec, folder / "train.npz", teachers=[_teacher(teacher)])
     assert err.value.code == "invalid_architecture"
+
+
+def test_the_api_and_the_engine_support_the_same_families():
+    from app.file_checks import HF_FAMILIES
+    from app.schemas import HF_MODEL_TYPES, HFOverrides
+    from worker.engine.hf import FAMILIES, OVERRIDABLE
+
+    assert HF_FAMILIES == FAMILIES
+    assert set(HF_MODEL_TYPES) == set(FAMILIES)
+    assert set(HFOverrides.model_fields) == set(OVERRIDABLE)
+
+
+def test_token_data_pack_ids_and_mask_and_bad_masks_name_the_array(tmp_path):
+    from app.file_checks import InvalidFile, validate_upload
+    from worker.engine import load_dataset
+
+    data = token_arrays(20, seed=0)
+    np.savez(tmp_path / "ok.npz", **data)
+    x, y, _ = load_dataset(str(tmp_path / "ok.npz"), None)
+    assert (y == data["y"]).all()
+    assert x.shape == (20, 2, 16) and x.dtype == np.int64
+    assert (x[:, 1] == data["attention_mask"]).all() and (x[:, 0] == data["input_ids"]).all()
+    assert validate_upload(tmp_path / "ok.npz", "dataset")[1]["x_shape"] == [2, 16]
+    np.savez(tmp_path / "bad.npz", input_ids=data["input_ids"], attention_mask=data["attention_mask"][:, :8])
+    with pytest.raises(EngineError) as err:
+        load_dataset(str(tmp_path / "bad.npz"), None)
+    assert err.value.param == "attention_mask"
+    with pytest.raises(InvalidFile, match="attention_mask"):
+        validate_upload(tmp_path / "bad.npz", "dataset")
+    np.savez(tmp_path / "two.npz", input_ids=data["input_ids"], attention_mask=data["attention_mask"] * 2)
+    with pytest.raises(EngineError, match="0 and 1 only"):
+        load_dataset(str(tmp_path / "two.npz"), None)

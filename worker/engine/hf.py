@@ -88,6 +88,7 @@ class HFConfig:
             self.init in ("teacher", "fresh"), _CODE, f"init must be 'teacher' or 'fresh', got {self.init!r}", "init"
         )
         require(isinstance(self.overrides, dict), _CODE, "overrides must be an object", "overrides")
+        self.overrides = {k: v for k, v in self.overrides.items() if v is not None}  # the API sends unset as null
         for key, value in self.overrides.items():
             require(
                 key in OVERRIDABLE,
