@@ -180,6 +180,9 @@ def inspect_hf_archive(path: Path) -> dict:
         with zipfile.ZipFile(path) as zf:
             infos = [i for i in zf.infolist() if not i.is_dir()]
             names = [i.filename for i in infos]
+            if names and all(n.endswith(".npy") for n in names):
+                raise InvalidFile("teacher weights must be a safetensors file or a zipped save_pretrained folder; "
+                                  "this zip is an npz data set (upload it with purpose=dataset)")  # fmt: skip
             if any(n.endswith(("data.pkl", ".bin", ".pt", ".pth", ".ckpt")) for n in names):
                 raise InvalidFile("pickled PyTorch weights (pytorch_model.bin / data.pkl) are refused: save with "
                                   "save_pretrained's default safetensors format (model.safetensors)")  # fmt: skip
