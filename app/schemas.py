@@ -104,7 +104,7 @@ class Teacher(Strict):
     architecture: Architecture | None = Field(
         default=None, description="Required with weights_file; taken from the job's model with from_job."
     )
-    weights_file: str | None = Field(default=None, pattern=FILE_ID, description="An uploaded safetensors file.")
+    weights_file: str | None = Field(default=None, pattern=FILE_ID, description="An uploaded safetensors file, or a zipped save_pretrained folder (architecture hf).")
     from_job: str | None = Field(default=None, pattern=JOB_ID, description="A succeeded job whose model teaches.")
     weight: float = Field(default=1.0, gt=0, description="Fusion weight (multi-teacher `weighted`).")
 
