@@ -1,6 +1,6 @@
 """Upload validation by content, without unpickling, loading tensors, inflating or decoding anything:
-safetensors headers, npz members' .npy headers, an image-folder zip's central directory, a CSV's header line
-and a Parquet file's magic bytes.
+safetensors headers, npz members' .npy headers, an image-folder zip's central directory, a CSV's header line,
+a Parquet file's magic bytes, and the two members of a Hugging Face ``save_pretrained`` zip.
 
 Each check reads only headers (bounded sizes), so a hostile file costs bounded memory. The worker repeats the
 zip checks (worker/engine/formats.py, same limits) and does what is too costly here: decoding images,
@@ -32,6 +32,17 @@ ZIP_MAX_BYTES = 4 * 1024**3  # declared uncompressed total
 ZIP_MAX_RATIO = 200  # uncompressed / compressed, per entry
 MAX_CSV_HEADER_BYTES = 1024 * 1024
 TABLE_FORMATS = ("csv", "parquet")
+# Hugging Face families the worker builds and tests (worker/engine/hf.py FAMILIES; a test keeps them equal).
+HF_FAMILIES = {
+    "bert": "BertForSequenceClassification",
+    "distilbert": "DistilBertForSequenceClassification",
+    "llama": "LlamaForSequenceClassification",
+}
+HF_MEMBERS = ("config.json", "model.safetensors")
+MAX_HF_CONFIG_BYTES = 1024 * 1024
+MAX_HF_WEIGHTS_BYTES = 16 * 1024**3
+# Float weights barely compress; a member that claims to inflate far more is refused (zip bomb).
+MAX_HF_COMPRESSION_RATIO = 100
 
 
 class InvalidFile(ValueError):
@@ -77,20 +88,24 @@ def _looks_like_text(head: bytes) -> bool:
 
 def inspect_safetensors(path: Path) -> dict:
     """Parse and check the header: sizes, dtypes, offsets inside the data area, no overlaps."""
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) < 8:
-            raise InvalidFile("truncated safetensors file: no header length")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > MAX_HEADER_BYTES:
-            raise InvalidFile(f"safetensors header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
-        if 8 + header_len > size:
-            raise InvalidFile("truncated safetensors file: header length beyond the end of the file")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InvalidFile(f"safetensors header is not valid JSON: {e}") from None
+        return _inspect_safetensors_stream(f, path.stat().st_size)
+
+
+def _inspect_safetensors_stream(f, size: int) -> dict:
+    """The checks of ``inspect_safetensors`` on an open binary stream of ``size`` bytes (a zip member too)."""
+    raw_len = f.read(8)
+    if len(raw_len) < 8:
+        raise InvalidFile("truncated safetensors file: no header length")
+    (header_len,) = struct.unpack("<Q", raw_len)
+    if header_len > MAX_HEADER_BYTES:
+        raise InvalidFile(f"safetensors header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + header_len > size:
+        raise InvalidFile("truncated safetensors file: header length beyond the end of the file")
+    try:
+        header = json.loads(f.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidFile(f"safetensors header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise InvalidFile("safetensors header must be a JSON object")
     data_len = size - 8 - header_len
@@ -153,7 +168,30 @@ def inspect_npz(path: Path) -> dict:
     return {"tensors": tensors, "metadata": {}}
 
 
+def _pack_token_shapes(tensors: dict) -> dict:
+    """``input_ids`` [N, L] (+ ``attention_mask``) is token data; the worker packs it into ``x`` [N, 2, L]."""
+    if "x" in tensors:
+        raise InvalidFile("dataset holds both 'x' and 'input_ids'; give one of them")
+    ids, mask = tensors["input_ids"], tensors.get("attention_mask")
+    if len(ids["shape"]) != 2 or not _is_integer(ids["dtype"]):
+        raise InvalidFile(f"'input_ids' must be integer token ids [N, L], got {ids['dtype']} {ids['shape']}")
+    if mask is not None and (mask["shape"] != ids["shape"] or not _is_integer(mask["dtype"])):
+        raise InvalidFile(f"'attention_mask' must be integers of the shape of 'input_ids' {ids['shape']}, "
+                          f"got {mask['dtype']} {mask['shape']}")  # fmt: skip
+    rest = {k: v for k, v in tensors.items() if k not in ("input_ids", "attention_mask")}
+    return {**rest, "x": {"dtype": ids["dtype"], "shape": [ids["shape"][0], 2, ids["shape"][1]]}}
+
+
+def _is_integer(dtype: str) -> bool:
+    return dtype[:1] in ("I", "U") or dtype[1:2] in ("i", "u", "b")
+
+
 def _check_dataset(tensors: dict) -> dict:
+    tokens = "input_ids" in tensors
+    if tokens:
+        tensors = _pack_token_shapes(tensors)
+    elif "attention_mask" in tensors:
+        raise InvalidFile("dataset has 'attention_mask' without 'input_ids'")
     if "x" not in tensors:
         raise InvalidFile(f"dataset must hold an array named 'x' (found {sorted(tensors)})")
     n = tensors["x"]["shape"][0] if tensors["x"]["shape"] else None
@@ -171,7 +209,80 @@ def _check_dataset(tensors: dict) -> dict:
         if not any(k in y["dtype"] for k in ("i", "u", "I64", "I32", "U8", "I16", "U16", "U32", "U64", "I8")):
             raise InvalidFile(f"'y' must hold integer class ids, got dtype {y['dtype']}")
     return {"rows": n, "x_shape": tensors["x"]["shape"][1:], "has_labels": "y" in tensors,
-            "has_x_teacher": "x_teacher" in tensors}  # fmt: skip
+            "has_x_teacher": "x_teacher" in tensors, "tokens": tokens}  # fmt: skip
+
+
+def inspect_hf_archive(path: Path) -> dict:
+    """A zipped ``save_pretrained`` folder: exactly config.json and model.safetensors (at the root or in one
+    folder), a config of a supported family's sequence classifier with no remote code, a valid header."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = [i for i in zf.infolist() if not i.is_dir()]
+            names = [i.filename for i in infos]
+            if names and all(n.endswith(".npy") for n in names):
+                raise InvalidFile("teacher weights must be a safetensors file or a zipped save_pretrained folder; "
+                                  "this zip is an npz data set (upload it with purpose=dataset)")  # fmt: skip
+            if any(n.endswith(("data.pkl", ".bin", ".pt", ".pth", ".ckpt")) for n in names):
+                raise InvalidFile("pickled PyTorch weights (pytorch_model.bin / data.pkl) are refused: save with "
+                                  "save_pretrained's default safetensors format (model.safetensors)")  # fmt: skip
+            members = {n.rsplit("/", 1)[-1]: i for n, i in zip(names, infos, strict=True)}
+            folders = {n.rsplit("/", 1)[0] if "/" in n else "" for n in names}
+            if sorted(members) != sorted(HF_MEMBERS) or len(infos) != len(HF_MEMBERS) or len(folders) != 1:
+                missing = [m for m in HF_MEMBERS if m not in members]
+                raise InvalidFile(
+                    f"a Hugging Face teacher zip holds exactly {' and '.join(HF_MEMBERS)} (as save_pretrained "
+                    f"writes them); {'missing ' + ', '.join(missing) if missing else 'found ' + str(names[:10])}"
+                )
+            config_info, weights_info = members["config.json"], members["model.safetensors"]
+            if config_info.file_size > MAX_HF_CONFIG_BYTES:
+                raise InvalidFile(f"config.json is larger than {MAX_HF_CONFIG_BYTES} bytes")
+            if weights_info.file_size > MAX_HF_WEIGHTS_BYTES:
+                raise InvalidFile(f"model.safetensors is larger than {MAX_HF_WEIGHTS_BYTES} bytes")
+            for info in (config_info, weights_info):
+                if info.file_size > MAX_HF_COMPRESSION_RATIO * info.compress_size + 1024 * 1024:
+                    raise InvalidFile(f"{info.filename} claims to inflate {info.file_size} bytes from "
+                                      f"{info.compress_size}; refused")  # fmt: skip
+            try:
+                config = json.loads(zf.read(config_info))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise InvalidFile(f"config.json is not valid JSON: {e}") from None
+            with zf.open(weights_info) as f:
+                weights = _inspect_safetensors_stream(f, weights_info.file_size)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise InvalidFile(f"not a valid zip archive: {e}") from None
+    return {**_check_hf_config(config), "tensors": len(weights["tensors"]), "weights_bytes": weights_info.file_size}
+
+
+def _check_hf_config(config) -> dict:
+    if not isinstance(config, dict):
+        raise InvalidFile("config.json must be a JSON object")
+    if "auto_map" in config:
+        raise InvalidFile("config.json has auto_map (custom code from the hub); remote code is never run: use a "
+                          f"built-in family ({', '.join(HF_FAMILIES)})")  # fmt: skip
+    model_type = config.get("model_type")
+    if model_type not in HF_FAMILIES:
+        raise InvalidFile(f"config.json model_type {str(model_type)[:50]!r} is not supported; supported: "
+                          f"{', '.join(HF_FAMILIES)}")  # fmt: skip
+    architectures = config.get("architectures")
+    if architectures != [HF_FAMILIES[model_type]]:
+        raise InvalidFile(f"config.json architectures must be [{HF_FAMILIES[model_type]!r}] (a sequence "
+                          f"classifier saved with save_pretrained), got {str(architectures)[:100]}")  # fmt: skip
+    labels = config.get("id2label")
+    num_labels = len(labels) if isinstance(labels, dict) else config.get("num_labels")
+    if not isinstance(num_labels, int) or num_labels < 2:
+        raise InvalidFile(f"config.json must describe at least 2 labels (id2label), got {num_labels!r}")
+    if model_type == "llama" and config.get("pad_token_id") is None:
+        raise InvalidFile("config.json pad_token_id is null: a decoder classifies at the last non-pad token, so "
+                          "set pad_token_id before save_pretrained")  # fmt: skip
+    sizes = {"num_hidden_layers": ("n_layers",), "hidden_size": ("dim",), "num_attention_heads": ("n_heads",),
+             "vocab_size": (), "max_position_embeddings": ()}  # fmt: skip
+    details = {"model_type": model_type, "num_labels": num_labels}
+    for key, aliases in sizes.items():
+        value = next((config[k] for k in (key, *aliases) if k in config), None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidFile(f"config.json {key} must be a positive integer, got {str(value)[:50]}")
+        details[key] = value
+    return details
 
 
 def inspect_image_zip(path: Path) -> dict:
@@ -262,8 +373,10 @@ def validate_upload(path: Path, purpose: str) -> tuple[str, dict]:
     """Return (format, details) or raise InvalidFile."""
     fmt = sniff_format(path)
     if purpose == "teacher":
+        if fmt in ("npz", "images"):  # a zip: the Hugging Face save_pretrained folder
+            return "hf_zip", inspect_hf_archive(path)
         if fmt != "safetensors":
-            raise InvalidFile("teacher weights must be a safetensors file")
+            raise InvalidFile("teacher weights must be a safetensors file or a zipped save_pretrained folder")
         return fmt, inspect_safetensors(path)
     if fmt == "images":
         return fmt, inspect_image_zip(path)

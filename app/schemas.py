@@ -48,7 +48,7 @@ def _check_config(value: Any, path: str) -> None:
         raise ValueError(f"config.{path} has an unsupported type")  # noqa: TRY004 (pydantic reports ValueError)
 
 
-class Architecture(Strict):
+class BuiltinArchitecture(Strict):
     name: Literal["mlp", "cnn1d", "cnn2d", "resnet_cifar", "transformer"] = Field(
         description="Registered architecture name."
     )
@@ -64,11 +64,49 @@ class Architecture(Strict):
         return self
 
 
+HF_MODEL_TYPES = ("bert", "distilbert", "llama")  # app/file_checks.py HF_FAMILIES; worker/engine/hf.py FAMILIES
+
+
+class HFOverrides(Strict):
+    """Config fields a transformers student changes from its base config (the teacher's, or the family's)."""
+
+    num_hidden_layers: int | None = Field(default=None, ge=1, le=128)
+    hidden_size: int | None = Field(default=None, ge=1, le=MAX_CONFIG_NUMBER)
+    num_attention_heads: int | None = Field(default=None, ge=1, le=256)
+    intermediate_size: int | None = Field(default=None, ge=1, le=4 * MAX_CONFIG_NUMBER)
+    num_key_value_heads: int | None = Field(default=None, ge=1, le=256, description="Decoder families.")
+    vocab_size: int | None = Field(default=None, ge=2, le=262_144)
+    max_position_embeddings: int | None = Field(default=None, ge=1, le=65_536)
+
+
+class HFArchitectureConfig(Strict):
+    model_type: Literal[HF_MODEL_TYPES] | None = Field(  # type: ignore[valid-type]
+        default=None, description="Family; null = the Hugging Face teacher's."
+    )
+    overrides: HFOverrides = Field(default_factory=HFOverrides)
+    init: Literal["teacher", "fresh"] = Field(
+        default="teacher",
+        description="teacher: embeddings and every k-th layer copied from the teacher (same hidden_size, at most "
+        "its layers); fresh: random initialisation.",
+    )
+
+
+class HFArchitecture(Strict):
+    """A transformers sequence classifier: as a teacher, a zipped save_pretrained folder (config {}); as a
+    student, the teacher's config (or the family's) with `overrides`."""
+
+    name: Literal["hf"]
+    config: HFArchitectureConfig = Field(default_factory=HFArchitectureConfig)
+
+
+Architecture = Annotated[BuiltinArchitecture | HFArchitecture, Field(discriminator="name")]
+
+
 class Teacher(Strict):
     architecture: Architecture | None = Field(
         default=None, description="Required with weights_file; taken from the job's model with from_job."
     )
-    weights_file: str | None = Field(default=None, pattern=FILE_ID, description="An uploaded safetensors file.")
+    weights_file: str | None = Field(default=None, pattern=FILE_ID, description="An uploaded safetensors file, or a zipped save_pretrained folder (architecture hf).")
     from_job: str | None = Field(default=None, pattern=JOB_ID, description="A succeeded job whose model teaches.")
     weight: float = Field(default=1.0, gt=0, description="Fusion weight (multi-teacher `weighted`).")
 

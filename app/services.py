@@ -123,6 +123,7 @@ def _normalise_spec(session: Session, *, tenant_id: str, body: JobCreate) -> dic
                                loc=["body", "validation_file"], needs_labels=needs_labels,
                                needs_x_teacher=needs_x_teacher), "validation_file"))  # fmt: skip
     _check_data_options(body, files)
+    teacher_files = []
     for i, teacher in enumerate(spec["teachers"]):
         loc = ["body", "teachers", i]
         if teacher["weights_file"]:
@@ -131,6 +132,8 @@ def _normalise_spec(session: Session, *, tenant_id: str, body: JobCreate) -> dic
                 raise not_found("file", teacher["weights_file"])
             if file.purpose != "teacher":
                 raise invalid(loc + ["weights_file"], f"file {file.id} has purpose {file.purpose!r}, not 'teacher'")
+            _teacher_file_fits(file, teacher["architecture"], loc + ["architecture"])
+            teacher_files.append(file)
         else:
             source = repo.get_job(session, job_id=teacher["from_job"], tenant_id=tenant_id)
             if source is None:
@@ -139,7 +142,50 @@ def _normalise_spec(session: Session, *, tenant_id: str, body: JobCreate) -> dic
                 raise invalid(loc + ["from_job"], f"job {source.id} is {source.status}; only a succeeded job "
                                                    "can teach")  # fmt: skip
             teacher["architecture"] = source.spec["student"]["architecture"]
+    if spec["student"]["architecture"]["name"] == "hf":
+        _hf_student_fits(spec["student"]["architecture"]["config"], teacher_files)
     return spec
+
+
+def _teacher_file_fits(file: File, architecture: dict, loc: list) -> None:
+    """A zipped save_pretrained folder is an `hf` teacher, and an `hf` teacher is such a zip."""
+    if (file.format == "hf_zip") != (architecture["name"] == "hf"):
+        raise invalid(loc + ["name"], f"file {file.id} is a {file.format} file; " + (
+            "a Hugging Face zip teaches with architecture {\"name\": \"hf\"}" if file.format == "hf_zip"
+            else "architecture 'hf' needs a zipped save_pretrained folder (config.json + model.safetensors)"))
+    if file.format == "hf_zip":
+        config = architecture["config"]
+        if config["model_type"] not in (None, file.details["model_type"]) or any(config["overrides"].values()):
+            raise invalid(loc + ["config"], f"a Hugging Face teacher is described by its config.json "
+                                            f"({file.details['model_type']}); leave config empty")  # fmt: skip
+
+
+def _hf_student_fits(config: dict, teacher_files: list[File]) -> None:
+    """What the API can check of a transformers student against its teacher's config.json (the worker checks
+    the rest): layers copied from a teacher need one of the same family, width and at most its depth."""
+    loc = ["body", "student", "architecture", "config"]
+    teacher = next((f.details for f in teacher_files if f.format == "hf_zip"), None)
+    overrides = {k: v for k, v in config["overrides"].items() if v is not None}
+    family = config["model_type"] or (teacher or {}).get("model_type")
+    if family is None:
+        raise invalid(loc + ["model_type"], "model_type is needed: no teacher is a Hugging Face zip to take it from")
+    same_family = teacher is not None and teacher["model_type"] == family
+    if config["init"] == "teacher":
+        if not same_family:
+            raise invalid(loc + ["init"], f"init 'teacher' copies layers from a Hugging Face teacher of the same "
+                                          f"family ({family}); there is none: use init 'fresh'")  # fmt: skip
+        if overrides.get("hidden_size", teacher["hidden_size"]) != teacher["hidden_size"]:
+            raise invalid(loc + ["overrides", "hidden_size"], f"init 'teacher' copies the teacher's layers, which "
+                          f"needs its hidden_size {teacher['hidden_size']}: keep it, or use init 'fresh'")  # fmt: skip
+        if overrides.get("num_hidden_layers", 0) > teacher["num_hidden_layers"]:
+            raise invalid(loc + ["overrides", "num_hidden_layers"], f"init 'teacher' takes every k-th of the "
+                          f"teacher's {teacher['num_hidden_layers']} layers; the student cannot have more")  # fmt: skip
+    base = teacher if same_family else {}
+    width, heads = overrides.get("hidden_size", base.get("hidden_size")), overrides.get(
+        "num_attention_heads", base.get("num_attention_heads"))  # fmt: skip
+    if width is not None and heads is not None and width % heads:
+        raise invalid(loc + ["overrides", "num_attention_heads"],
+                      f"num_attention_heads ({heads}) must divide hidden_size ({width})")  # fmt: skip
 
 
 def create_job(session: Session, *, tenant_id: str, body: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:

@@ -73,3 +73,74 @@ def kd_spec(train: str, teacher: dict, *, validation: str | None = None, epochs:
         "method": {"type": "kd", "temperature": 4.0, "alpha": 0.7, **method},
         "hyperparameters": {"epochs": epochs, "batch_size": 64, "learning_rate": 0.003, "seed": 0},
     }
+
+
+def token_arrays(n: int = 600, length: int = 16, vocab: int = 40, classes: int = 3, seed: int = 0) -> dict:
+    """Synthetic token data whose label is a function of the tokens: exactly one of the marker tokens
+    1..classes occurs in each row, at a random position, and its index is the class. Rows have random
+    lengths, right-padded with id 0 (attention_mask 0)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, size=n)
+    ids = rng.integers(classes + 1, vocab, size=(n, length))
+    lengths = rng.integers(length // 2, length + 1, size=n)
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
+    ids[np.arange(n), rng.integers(0, lengths)] = y + 1
+    ids = np.where(mask == 1, ids, 0)
+    return {"input_ids": ids.astype(np.int64), "attention_mask": mask, "y": y.astype(np.int64)}
+
+
+def tiny_hf_config(family: str, *, vocab: int = 40, classes: int = 3, layers: int = 2, positions: int = 32):
+    """A tiny random transformers config of ``family`` (bert, distilbert, llama)."""
+    import transformers
+
+    common = {"vocab_size": vocab, "num_labels": classes, "max_position_embeddings": positions, "pad_token_id": 0}
+    if family == "bert":
+        return transformers.BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                       intermediate_size=64, **common)  # fmt: skip
+    if family == "distilbert":
+        return transformers.DistilBertConfig(dim=32, n_layers=layers, n_heads=2, hidden_dim=64, **common)
+    if family == "llama":
+        return transformers.LlamaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                        num_key_value_heads=1, intermediate_size=64, **common)  # fmt: skip
+    raise ValueError(family)
+
+
+def hf_teacher_zip(folder: Path, family: str, data: dict, *, steps: int = 150, layers: int = 2) -> Path:
+    """Train a tiny transformers classifier on ``data`` in the test, ``save_pretrained`` it, and zip
+    the folder's two files at the zip's root (what a user uploads)."""
+    import zipfile
+
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = tiny_hf_config(family, classes=int(data["y"].max()) + 1, layers=layers)
+    model = transformers.AutoModelForSequenceClassification.from_config(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids, mask, y = (torch.from_numpy(data[k]) for k in ("input_ids", "attention_mask", "y"))
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (32,), generator=gen)
+        loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=y[idx]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    saved = folder / f"{family}-teacher"
+    model.save_pretrained(saved)
+    path = folder / f"{family}-teacher.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name in ("config.json", "model.safetensors"):
+            zf.write(saved / name, arcname=name)
+    return path
+
+
+def hf_accuracy(model, data: dict) -> float:
+    """Accuracy of a transformers classifier on token data (eval mode, no grad)."""
+    import torch
+
+    model.eval()
+    with torch.inference_mode():
+        logits = model(input_ids=torch.from_numpy(data["input_ids"]),
+                       attention_mask=torch.from_numpy(data["attention_mask"])).logits  # fmt: skip
+    return float((logits.argmax(-1).numpy() == data["y"]).mean())

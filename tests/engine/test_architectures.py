@@ -42,7 +42,8 @@ def _inputs(model, shape, batch):
 
 def test_registry_has_the_minimum_set():
     assert {"mlp", "cnn1d", "cnn2d", "resnet_cifar", "transformer"} <= set(ARCHITECTURES.names())
-    for name in ARCHITECTURES.names():
+    # hf builds from a transformers config resolved from its teacher's (tests/engine/test_hf.py).
+    for name in sorted(set(ARCHITECTURES.names()) - {"hf"}):
         assert build_model(
             {"name": name, "config": {}}, (3, 8, 8) if "2d" in name or "resnet" in name else (16,), 5
         )

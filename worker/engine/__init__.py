@@ -9,8 +9,8 @@ from .data import load_dataset, validate_data_file
 from .errors import EngineError
 from .methods import METHODS, DistillationLoss, StepBatch
 
-# Registering modules: each adds its methods to METHODS on import.
-from . import methods_features, quantization, self_distill  # noqa: F401  isort: skip
+# Registering modules: each adds its methods to METHODS (hf: its architecture) on import.
+from . import hf, methods_features, quantization, self_distill  # noqa: F401  isort: skip
 from .run import RunInputs, RunResult, TeacherInput, run_distillation
 from .runtime import available_cores, configure_threads
 from .trainer import TrainConfig

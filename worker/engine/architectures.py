@@ -57,6 +57,30 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
 
+    # ---- hooks with plain defaults; an architecture built from other files (``hf.py``) overrides them
+
+    @classmethod
+    def load(cls, architecture, path, input_shape, num_classes, *, who, param, param_prefix) -> Classifier:
+        """A teacher from its weights file: build the architecture, load the safetensors strictly."""
+        from .weights import load_weights_strict
+
+        model = build_model(architecture, input_shape, num_classes, param_prefix=param_prefix)
+        load_weights_strict(model, path, who=who, param=param)
+        return model
+
+    @classmethod
+    def resolve(cls, architecture: dict, teachers: list, param_prefix: str) -> dict:
+        """The architecture as it will be built; one may take settings from the job's teachers."""
+        return architecture
+
+    def initialise_from(self, teachers: list) -> dict | None:
+        """Copy what the architecture takes from the teachers into a fresh model; what was copied, or None."""
+        return None
+
+    def export_files(self, out_dir) -> dict:
+        """Extra artifacts in the architecture's own format (name -> path)."""
+        return {}
+
 
 def build_model(
     architecture: dict, input_shape: tuple, num_classes: int, *, param_prefix: str = "architecture"
@@ -96,6 +120,37 @@ def build_model(
     # The normalised architecture (all defaults filled) travels with the weights' metadata,
     # so a later job rebuilds exactly this model even if defaults change.
     model.architecture = {"name": name, "config": dataclasses.asdict(config)}
+    return model
+
+
+def _registered(architecture, param_prefix: str) -> type[Classifier] | None:
+    name = architecture.get("name") if isinstance(architecture, dict) else None
+    try:
+        return ARCHITECTURES.get(name)
+    except EngineError as err:
+        err.param = f"{param_prefix}.name"
+        raise
+
+
+def load_model(
+    architecture: dict, path, input_shape: tuple, num_classes: int, *, who: str, param: str, param_prefix: str
+) -> Classifier:
+    """A teacher: its architecture built and its weights loaded (the architecture decides how)."""
+    cls = _registered(architecture, param_prefix)
+    return cls.load(architecture, path, input_shape, num_classes, who=who, param=param, param_prefix=param_prefix)
+
+
+def build_student(
+    architecture: dict, input_shape: tuple, num_classes: int, teachers: list, *, param_prefix: str, log=None
+) -> Classifier:
+    """``build_model`` for a model that may derive from the job's teachers: its config resolved from
+    theirs, its initial weights copied from theirs (``log`` hears what was copied)."""
+    if isinstance(architecture, dict) and architecture.get("name") in ARCHITECTURES:
+        architecture = ARCHITECTURES.get(architecture["name"]).resolve(architecture, teachers, param_prefix)
+    model = build_model(architecture, input_shape, num_classes, param_prefix=param_prefix)
+    copied = model.initialise_from(teachers)
+    if copied is not None and log is not None:
+        log("info", "student initialised from teacher", **copied)
     return model
 
 

@@ -148,7 +148,40 @@ def _check_y(y, n: int) -> np.ndarray:
     return y.astype(np.int64, copy=False)
 
 
+def _pack_tokens(arrays: dict, label: str) -> dict:
+    """``input_ids`` [N, L] (+ ``attention_mask``, default all ones) → ``x`` = [N, 2, L] int64.
+
+    Packing the mask with the ids lets every batch, teacher cache and the ONNX graph carry it
+    as one input (``hf.py`` unpacks it); token arrays are loaded into memory.
+    """
+    if "x" in arrays:
+        raise EngineError(_CODE, f"{label} holds both 'x' and 'input_ids'; give one of them", param="input_ids")
+    ids = arrays.pop("input_ids")
+    ids = ids.to_numpy() if isinstance(ids, MappedRows) else ids
+    if ids.dtype == object or ids.dtype.kind not in "iu" or ids.ndim != 2 or not len(ids):
+        raise EngineError(
+            _CODE, f"'input_ids' must be integer token ids [N, L], got {ids.dtype} {list(ids.shape)}",
+            param="input_ids",
+        )  # fmt: skip
+    mask = arrays.pop("attention_mask", None)
+    if mask is None:
+        mask = np.ones_like(ids)
+    mask = mask.to_numpy() if isinstance(mask, MappedRows) else mask
+    if mask.shape != ids.shape or mask.dtype == object or mask.dtype.kind not in "iub":
+        raise EngineError(
+            _CODE, f"'attention_mask' must be integers of the shape of 'input_ids' {list(ids.shape)}, "
+            f"got {mask.dtype} {list(mask.shape)}", param="attention_mask",
+        )  # fmt: skip
+    if mask.size and (int(mask.min()) < 0 or int(mask.max()) > 1):
+        raise EngineError(_CODE, "'attention_mask' must hold 0 and 1 only", param="attention_mask")
+    return {**arrays, "x": np.stack([ids.astype(np.int64), mask.astype(np.int64)], axis=1)}
+
+
 def _check_arrays(arrays: dict[str, np.ndarray], label: str) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    if "input_ids" in arrays:
+        arrays = _pack_tokens(dict(arrays), label)
+    elif "attention_mask" in arrays:
+        raise EngineError(_CODE, f"{label} has 'attention_mask' without 'input_ids'", param="input_ids")
     if "x" not in arrays:
         found = ", ".join(sorted(arrays)) or "nothing"
         raise EngineError(_CODE, f"{label} has no array named 'x' (found: {found})", param="x")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import recipe
-from .architectures import build_model, count_parameters, describe
+from .architectures import build_student, count_parameters, describe, load_model
 from .augment import POOL_BYTES, TEACHER_OUTPUTS, Pipeline, parse_augmentation, pool_bytes, pool_views
 from .callbacks import Callback, CallbackList, TrainState
 from .config import parse_config, require
@@ -49,7 +49,7 @@ from .trainer import (
     load_checkpoint,
     predict,
 )
-from .weights import freeze, load_weights_strict, read_model_metadata, read_num_classes, save_model
+from .weights import freeze, read_model_metadata, read_num_classes, save_model
 
 # Keep whole data sets on the accelerator below this size; above it, batches are copied per step
 # (from pinned host memory). None = automatic: 40% of the CUDA device's free memory, 2 GiB elsewhere.
@@ -358,8 +358,10 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
         for i, t in enumerate(teacher_inputs):
             # A model written by this service (a from_job teacher) carries its own architecture.
             arch = t.architecture or read_model_metadata(t.weights_path)["architecture"]
-            teacher = build_model(arch, xt.shape[1:], num_classes, param_prefix=f"teachers[{i}].architecture")
-            load_weights_strict(teacher, t.weights_path, who=f"teacher {i}", param=f"teachers[{i}]")
+            teacher = load_model(
+                arch, t.weights_path, xt.shape[1:], num_classes,
+                who=f"teacher {i}", param=f"teachers[{i}]", param_prefix=f"teachers[{i}].architecture",
+            )  # fmt: skip
             teachers.append(freeze(teacher).to(device))
             _check_input_kind(teacher, xt, f"teacher {i}", "train_file")
         teacher_weights = [float(t.weight) for t in teacher_inputs]
@@ -452,9 +454,10 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
         with phase("load"):
             # Seeded right before each model so its init is the same on every attempt and for the baseline.
             torch.manual_seed(config.seed)
-            model = build_model(
-                stage.architecture or student_arch, x.shape[1:], num_classes, param_prefix=stage.param
-            )
+            model = build_student(
+                stage.architecture or student_arch, x.shape[1:], num_classes, teachers,
+                param_prefix=stage.param, log=log,
+            )  # fmt: skip
             architecture = model.architecture
             _check_input_kind(model, x, "student" if final else stage.name, "train_file")
             model = loss.wrap_student(model).to(device)
@@ -570,8 +573,8 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
     for label, base_augmentation in baselines:
         with phase("baseline"):
             torch.manual_seed(config.seed)
-            base = build_model(
-                student_arch, x.shape[1:], num_classes, param_prefix="student.architecture"
+            base = build_student(
+                student_arch, x.shape[1:], num_classes, teachers, param_prefix="student.architecture"
             ).to(device)
             base_loss = SupervisedLoss(SupervisedConfig(), num_classes=num_classes, num_teachers=0).to(device)
             state.progress_start = window_start + window_span * done_epochs / total_epochs
@@ -672,6 +675,8 @@ def _run(inputs: RunInputs, callbacks: list[Callback]) -> RunResult:
                 artifacts[f.name] = f
             summary["onnx_opset"] = onnx_info["opset"]
             summary["onnx_max_abs_diff"] = onnx_info["max_abs_diff"]
+        # An architecture's own format (a transformers student: its save_pretrained folder, zipped).
+        artifacts.update(exported.export_files(out_dir) if hasattr(exported, "export_files") else {})
         extra_files, extra_metrics = final_loss.write_artifacts(
             student, out_dir, metadata, val.x, val.y, device
         )
@@ -1001,7 +1006,7 @@ def _check_input_kind(model: nn.Module, x: np.ndarray, who: str, param: str) -> 
                 "store token ids as an integer array",
                 param=param,
             )
-        vocab = model.embed.num_embeddings
+        vocab = model.vocab_size if hasattr(model, "vocab_size") else model.embed.num_embeddings
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi >= vocab:
             raise EngineError(
