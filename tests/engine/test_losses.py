@@ -62,9 +62,11 @@ def test_kd_mixes_terms_with_alpha():
 
 
 def test_kd_is_zero_when_student_equals_teacher_and_alpha_one():
+    torch.manual_seed(0)
     z = torch.randn(3, 5)
     total, _ = _kd(1.0, 3.0)(StepBatch(z, None, [z.clone()]))
-    assert abs(total.item()) < 1e-6
+    # float32 rounding of Σ q·log q − Σ q·log p, times T² = 9: zero up to a few ulps
+    assert abs(total.item()) < 1e-5
 
 
 def test_gradients_do_not_reach_frozen_teacher():
