@@ -1087,7 +1087,7 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")] = False,
 ) -> None:
     """Convert a PyTorch checkpoint to safetensors on this machine, ready to upload as a teacher (needs torch)."""
-    from app.convert import ConversionError, convert_checkpoint
+    from distill_tools.convert import ConversionError, convert_checkpoint
 
     try:
         report = convert_checkpoint(checkpoint, output, key=key, overwrite=force)

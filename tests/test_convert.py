@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from app import cli
-from app.convert import ConversionError, convert_checkpoint
+from distill_tools.convert import ConversionError, convert_checkpoint
 
 runner = CliRunner()
 

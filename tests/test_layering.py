@@ -25,7 +25,7 @@ def test_no_unpickling_anywhere_in_the_service():
 
 
 def test_api_process_does_not_load_torch():
-    code = "import sys, app.main, app.cli, app.client, app.convert; print('torch' in sys.modules)"
+    code = "import sys, app.main, app.cli, app.client, distill_tools.convert; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

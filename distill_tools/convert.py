@@ -6,8 +6,9 @@ where the user's checkpoint already lives and is trusted: it reads it with `torc
 wrappers, strips DataParallel/`torch.compile` prefixes and writes every tensor contiguous, each with its own
 storage (safetensors refuses tensors that share memory, and the service expects every key present).
 
-torch is imported inside `convert_checkpoint` only: the API and the rest of the CLI never load it (the
-import-linter contract names this module as its one exception; tests/test_layering.py checks the rest).
+It lives outside `app/` (the API never imports torch) and imports torch inside `convert_checkpoint` only, so
+`app.cli` can import it inside the `convert` command while the API and the rest of the CLI never load torch
+(tests/test_layering.py).
 """
 
 from __future__ import annotations
