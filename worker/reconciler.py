@@ -30,19 +30,26 @@ def reconcile_once() -> dict:
     announce(deliveries)
     with session_scope() as session:
         stranded = repo.stranded_job_ids(session, requeue_before=utcnow() - timedelta(seconds=settings.requeue_after_s))
+    published = _publish_all(stranded, publish_job, lambda session, ids: repo.mark_published(session, job_ids=ids),
+                             "job")  # fmt: skip
+    return {"failed": failed, "published": published, "webhooks": _republish_overdue_webhooks(settings)}
+
+
+def _publish_all(ids: list[str], publish, mark, what: str) -> list[str]:
+    """Publish each id, stopping at the first broker error (the next pass retries); mark the published ones."""
     published = []
-    for job_id in stranded:
+    for item_id in ids:
         try:
-            publish_job(job_id)
-            published.append(job_id)
+            publish(item_id)
+            published.append(item_id)
         except Exception:
-            log.warning("reconciler could not publish %s", job_id, exc_info=True)
+            log.warning("reconciler could not publish %s %s", what, item_id, exc_info=True)
             break
     if published:
         with session_scope() as session:
-            repo.mark_published(session, job_ids=published)
-        log.info("reconciler re-published %d job(s): %s", len(published), ", ".join(published[:10]))
-    return {"failed": failed, "published": published, "webhooks": _republish_overdue_webhooks(settings)}
+            mark(session, published)
+        log.info("reconciler re-published %d %s(s): %s", len(published), what, ", ".join(published[:10]))
+    return published
 
 
 def _republish_overdue_webhooks(settings) -> list[str]:
@@ -51,19 +58,8 @@ def _republish_overdue_webhooks(settings) -> list[str]:
     attempt is claimed in the database."""
     with session_scope() as session:
         overdue = repo.overdue_webhook_ids(session, overdue_before=utcnow() - timedelta(seconds=settings.requeue_after_s))
-    published = []
-    for delivery_id in overdue:
-        try:
-            publish_webhook(delivery_id)
-            published.append(delivery_id)
-        except Exception:
-            log.warning("reconciler could not publish webhook %s", delivery_id, exc_info=True)
-            break
-    if published:
-        with session_scope() as session:
-            repo.mark_webhooks_published(session, delivery_ids=published)
-        log.info("reconciler re-published %d webhook(s): %s", len(published), ", ".join(published[:10]))
-    return published
+    return _publish_all(overdue, publish_webhook,
+                        lambda session, ids: repo.mark_webhooks_published(session, delivery_ids=ids), "webhook")  # fmt: skip
 
 
 def _loop(interval_s: float) -> None:
