@@ -2,10 +2,13 @@
 
 import logging
 
+import psycopg
+import psycopg_pool
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, TimeoutError as PoolTimeout
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -63,8 +66,14 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("database error")
         return problem_response(500, "Internal error.", code="internal_error")
 
+    @app.exception_handler(psycopg.OperationalError)  # the async read pool's connection failed mid-request
+    async def _read_connection_lost(_req: Request, _exc: psycopg.OperationalError):
+        return problem_response(503, "The database is unavailable; retry shortly.", code="database_unavailable",
+                                headers={"Retry-After": "5"})  # fmt: skip
+
     @app.exception_handler(PoolTimeout)
-    async def _pool_timeout(_req: Request, _exc: PoolTimeout):
+    @app.exception_handler(psycopg_pool.PoolTimeout)  # no connection within the pool's timeout: outage or overload
+    async def _pool_timeout(_req: Request, _exc: Exception):
         return problem_response(503, "The database is busy; retry shortly.", code="database_unavailable",
                                 headers={"Retry-After": "5"})  # fmt: skip
 

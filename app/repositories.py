@@ -2,9 +2,12 @@
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from psycopg import AsyncConnection
+from sqlalchemy import Select, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -110,13 +113,62 @@ def get_job_by_idempotency_key(session: Session, *, tenant_id: str, key: str) ->
     return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
 
 
-def list_jobs(session: Session, *, tenant_id: str, limit: int, after: str | None, status: str | None) -> list[Job]:
-    query = select(Job).where(Job.tenant_id == tenant_id)
-    if status:
+def _jobs_page(columns: Sequence, *, tenant_id, limit, after, status) -> Select:
+    """A tenant's jobs newest first from cursor ``after``: one range scan of (tenant_id, [status,] id)."""
+    query = select(*columns).where(Job.tenant_id == tenant_id)
+    if status is not None:
         query = query.where(Job.status == status)
-    if after:
+    if after is not None:
         query = query.where(Job.id < after)
-    return list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
+    return query.order_by(Job.id.desc()).limit(limit)
+
+
+def list_jobs(session: Session, *, tenant_id: str, limit: int, after: str | None, status: str | None) -> list[Job]:
+    """Up to ``limit + 1`` jobs (the extra row tells the caller there is a next page)."""
+    query = _jobs_page((Job,), tenant_id=tenant_id, limit=limit + 1, after=after or None, status=status or None)
+    return list(session.scalars(query))
+
+
+# ---- async hot reads (PostgreSQL): rows that read like a Job for what JobPublic shows ------------------
+
+_JOB_PUBLIC_COLUMNS = [
+    attr.label(attr.key)  # the model's attribute names (the `metadata` column reads as job_metadata)
+    for attr in (Job.id, Job.name, Job.status, Job.spec, Job.created_at, Job.started_at, Job.finished_at,
+                 Job.attempts, Job.progress, Job.summary, Job.error, Job.job_metadata)
+]  # fmt: skip
+
+
+def _postgres_sql(query: Select) -> str:
+    return str(query.compile(dialect=PGDialect_psycopg()))
+
+
+_READ_JOB_SQL = _postgres_sql(
+    select(*_JOB_PUBLIC_COLUMNS).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+)
+
+
+@lru_cache(maxsize=4)
+def _jobs_page_sql(by_status: bool, after: bool) -> str:
+    return _postgres_sql(_jobs_page(
+        _JOB_PUBLIC_COLUMNS, tenant_id=bindparam("tenant_id"), limit=bindparam("limit"),
+        after=bindparam("after") if after else None, status=bindparam("status") if by_status else None,
+    ))  # fmt: skip
+
+
+async def read_job(conn: AsyncConnection, *, job_id: str, tenant_id: str) -> Any | None:
+    """The job's public fields as a named-tuple row (attribute names as on Job), or None."""
+    cursor = await conn.execute(_READ_JOB_SQL, {"job_id": job_id, "tenant_id": tenant_id})
+    return await cursor.fetchone()
+
+
+async def read_jobs_page(
+    conn: AsyncConnection, *, tenant_id: str, limit: int, after: str | None, status: str | None
+) -> list[Any]:
+    """``list_jobs`` as rows of the job's public fields."""
+    sql = _jobs_page_sql(bool(status), bool(after))
+    params = {"tenant_id": tenant_id, "limit": limit + 1, "after": after, "status": status}
+    cursor = await conn.execute(sql, params)
+    return await cursor.fetchall()
 
 
 def count_active_jobs(session: Session, *, tenant_id: str) -> int:

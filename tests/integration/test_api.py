@@ -219,3 +219,37 @@ def test_prometheus_metrics_report_jobs_and_http_latency(client, service, datase
     text = httpx.get(f"{service.base_url}/metrics").text
     assert 'distill_jobs{status="queued"}' in text and "distill_queue_depth" in text
     assert 'distill_http_request_duration_seconds_count{method="GET",route="/v1/jobs",status="200"}' in text
+
+
+def test_async_reads_match_the_orm_view(client, postgres_url):
+    """GET /v1/jobs/{id} and list pages go through the async pool on PostgreSQL; they must show what the ORM shows."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from app.api.routes.jobs import job_public
+    from app.db import make_engine
+    from app.ids import new_id
+    from app.models import Job, Tenant, utcnow
+
+    engine = make_engine(postgres_url)
+    with Session(engine) as session:
+        tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == "tenant-a"))
+        # Terminal jobs written directly, so no worker changes them between the two reads.
+        jobs = [Job(id=new_id("job"), tenant_id=tenant_id, name=f"parity-{i}", status=status,
+                    spec={"method": {"type": "kd"}, "n": i}, job_metadata={"team": "ml", "i": str(i)},
+                    started_at=utcnow(), finished_at=utcnow(), attempts=1, progress={"epoch": 2},
+                    summary={"student": {"accuracy": 0.5}} if status == "succeeded" else None,
+                    error={"code": "oom", "message": "x"} if status == "failed" else None)
+                for i, status in enumerate(["succeeded", "failed", "succeeded"])]  # fmt: skip
+        session.add_all(jobs)
+        session.commit()
+        orm_view = {j.id: job_public(session.get(Job, j.id)).model_dump(mode="json") for j in jobs}
+    engine.dispose()
+
+    for job_id, view in orm_view.items():
+        assert client.get(f"/v1/jobs/{job_id}").json() == view
+    newest = max(orm_view)
+    r = client.get("/v1/jobs", params={"status": "succeeded", "limit": 1, "after": newest}).json()
+    succeeded_older = sorted((j for j in orm_view if orm_view[j]["status"] == "succeeded" and j < newest), reverse=True)
+    assert r["data"][0] == orm_view[succeeded_older[0]]
+    assert client.get("/v1/jobs/job_doesnotexist").status_code == 404
