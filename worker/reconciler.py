@@ -17,6 +17,7 @@ from app.webhooks import announce, record_job_finished
 
 log = logging.getLogger(__name__)
 _started = threading.Event()
+_stopping = threading.Event()
 
 
 def reconcile_once() -> dict:
@@ -63,12 +64,12 @@ def _republish_overdue_webhooks(settings) -> list[str]:
 
 
 def _loop(interval_s: float) -> None:
-    while True:
+    while not _stopping.is_set():
         try:
             reconcile_once()
         except Exception:
             log.warning("reconciler pass failed; retrying next interval", exc_info=True)
-        threading.Event().wait(interval_s)
+        _stopping.wait(interval_s)
 
 
 def start_reconciler() -> None:
@@ -77,3 +78,9 @@ def start_reconciler() -> None:
     _started.set()
     threading.Thread(target=_loop, args=(get_settings().reconcile_interval_s,), name="reconciler",
                      daemon=True).start()  # fmt: skip
+
+
+def stop_reconciler() -> None:
+    """No passes after this one: a worker in warm shutdown must not re-publish the job it just handed back
+    (that job's next publish is the hand-back's own); the workers that stay reconcile."""
+    _stopping.set()
