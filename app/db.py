@@ -94,6 +94,7 @@ def session_scope() -> Iterator[Session]:
 # reads from ~700 to ~2,800 requests/s on two cores. Everything else keeps the SQLAlchemy sessions.
 
 READ_POOL_TIMEOUT_S = 2.0  # waiting longer than this for a connection answers 503 (outage or overload)
+READ_POOL_NAME = "distill-reads"  # also its connections' application_name in pg_stat_activity
 
 
 def read_pool_conninfo(url: str) -> str | None:
@@ -131,8 +132,9 @@ def make_read_pool(url: str, size: int) -> AsyncConnectionPool | None:
         timeout=READ_POOL_TIMEOUT_S,
         check=check,
         reset=reset,
-        name="distill-reads",
-        kwargs={"autocommit": True, "connect_timeout": 3, "row_factory": namedtuple_row},
+        name=READ_POOL_NAME,
+        kwargs={"autocommit": True, "connect_timeout": 3, "row_factory": namedtuple_row,
+                "application_name": READ_POOL_NAME},  # fmt: skip
     )
 
 

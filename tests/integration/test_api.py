@@ -248,8 +248,22 @@ def test_async_reads_match_the_orm_view(client, postgres_url):
 
     for job_id, view in orm_view.items():
         assert client.get(f"/v1/jobs/{job_id}").json() == view
+    # No job of this tenant is newer than these three: the first page is exactly them, newest first.
+    page = client.get("/v1/jobs", params={"limit": 3}).json()["data"]
+    assert page == [orm_view[j] for j in sorted(orm_view, reverse=True)]
     newest = max(orm_view)
     r = client.get("/v1/jobs", params={"status": "succeeded", "limit": 1, "after": newest}).json()
     succeeded_older = sorted((j for j in orm_view if orm_view[j]["status"] == "succeeded" and j < newest), reverse=True)
     assert r["data"][0] == orm_view[succeeded_older[0]]
     assert client.get("/v1/jobs/job_doesnotexist").status_code == 404
+
+    # Those reads went through the API's async pool, not the ORM sessions: its named connections ran them.
+    import psycopg
+
+    from app.db import READ_POOL_NAME
+
+    with psycopg.connect(postgres_url.replace("+psycopg", "")) as conn:
+        last = [r[0] for r in conn.execute(
+            "SELECT query FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()",
+            (READ_POOL_NAME,))]  # fmt: skip
+    assert any("FROM jobs" in q for q in last), last
