@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from worker.engine import RunInputs, TeacherInput, build_model, count_parameters, load_dataset, run_distillation
+from worker.engine import (
+    RunInputs, TeacherInput, build_model, count_parameters, kernels, load_dataset, run_distillation,
+)  # fmt: skip
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "bench" / "engine.json"
 
@@ -154,6 +156,7 @@ def main() -> None:
     parser.add_argument("--skip-images", action="store_true", help="only the MNIST-1D pair")
     args = parser.parse_args()
     torch.manual_seed(0)
+    kernels.warm()  # as a worker does at start: the fused loss kernel's one-time compile is not an epoch's cost
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         x, y, _ = load_dataset("builtin:mnist1d", None)

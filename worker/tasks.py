@@ -30,12 +30,13 @@ from app.webhooks import announce, record_job_finished
 from worker.celery_app import celery_app
 from worker.engine import (
     Callback, CancelCallback, CheckpointCallback, EngineError, ProgressCallback, RunInputs, TeacherInput,
-    configure_threads, run_distillation,
+    configure_threads, kernels, run_distillation,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
 # Once per worker process, before any job: torch's intra-op threads matched to the cores this worker may use.
 TORCH_THREADS = configure_threads(get_settings().worker_threads or None)
+kernels.warm()  # compile (or load from Numba's cache) the fused loss kernel now, not inside the first job
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 # Set when this worker begins a warm shutdown (SIGTERM, Ctrl-C; see worker/celery_app.py). The running job stops
 # at its next step, like a cancel, and is handed back to the queue instead of finishing.

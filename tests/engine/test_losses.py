@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.engine import METHODS, EngineError, StepBatch, build_model
+from worker.engine import METHODS, EngineError, StepBatch, build_model, kernels
 from worker.engine.methods import KDConfig, KDLoss, distill_loss, kd_kl, parse_method
 from worker.engine.trainer import Split, precompute_soft_targets
 from worker.engine.weights import freeze
@@ -123,29 +123,94 @@ def test_registry_has_the_minimum_methods():
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("soft_labels", [False, True])
-def test_closed_form_distill_loss_matches_autograd_of_the_formula(alpha, soft_labels):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32 on CPU: the fused kernel
+def test_closed_form_distill_loss_matches_autograd_of_the_formula(alpha, soft_labels, dtype):
     """``distill_loss`` forms its gradient by hand; it must equal autograd's on the written formula."""
     torch.manual_seed(0)
     t, b, k = 3.0, 16, 7
-    z = torch.randn(b, k, dtype=torch.float64, requires_grad=True)
-    q = torch.softmax(torch.randn(b, k, dtype=torch.float64) / t, dim=-1)
+    z = torch.randn(b, k, dtype=dtype, requires_grad=True)
+    q = torch.softmax(torch.randn(b, k, dtype=dtype) / t, dim=-1)
     y = torch.randint(0, k, (b,))
-    labels = torch.softmax(torch.randn(b, k, dtype=torch.float64), -1) if soft_labels else y
+    labels = torch.softmax(torch.randn(b, k, dtype=dtype), -1) if soft_labels else y
     total, terms = distill_loss(z, q, labels, t, alpha)
     (grad,) = torch.autograd.grad(total, z)
 
-    z_ref = z.detach().clone().requires_grad_(True)
-    kl = F.kl_div(F.log_softmax(z_ref / t, -1), q, reduction="batchmean")
-    ce = F.cross_entropy(z_ref, labels)
+    # The reference in float64 from the same inputs: autograd on the formula as written.
+    z_ref = z.detach().double().requires_grad_(True)
+    q64 = q.double()
+    labels64 = labels.double() if soft_labels else labels
+    kl = F.kl_div(F.log_softmax(z_ref / t, -1), q64, reduction="batchmean")
+    ce = F.cross_entropy(z_ref, labels64)
     reference = alpha * t * t * kl + (1 - alpha) * ce
     (grad_ref,) = torch.autograd.grad(reference, z_ref)
 
-    assert torch.allclose(total, reference.detach(), atol=1e-12)
-    assert torch.allclose(grad, grad_ref, atol=1e-12)
-    assert torch.allclose(terms["kl"], kl.detach(), atol=1e-12)
+    atol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(total.double(), reference.detach(), atol=atol)
+    assert torch.allclose(grad.double(), grad_ref, atol=atol)
+    assert torch.allclose(terms["kl"].double(), kl.detach(), atol=atol)
     assert ("ce" in terms) == (alpha < 1)
     if alpha < 1:
-        assert torch.allclose(terms["ce"], ce.detach(), atol=1e-12)
+        assert torch.allclose(terms["ce"].double(), ce.detach(), atol=atol)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("labels", ["ids", "distribution"])
+@pytest.mark.parametrize("batch", [1, 129])
+def test_fused_cpu_kernel_matches_the_tensor_version(monkeypatch, alpha, labels, batch):
+    """float32 CPU logits go through the Numba kernel; it must give the tensor version's values and gradient."""
+    calls = []
+    compiled = kernels._compiled
+    monkeypatch.setattr(kernels, "_compiled", lambda: calls.append(1) or compiled())
+    torch.manual_seed(batch)
+    t, k = 4.0, 10
+    z = torch.randn(batch, k) * 5
+    z[0, :2] = torch.tensor([80.0, -80.0])  # far apart: the max shift must keep exp finite
+    q = torch.softmax(torch.randn(batch, k) * 3 / t, dim=-1)
+    q[0] = F.one_hot(torch.tensor(3), k).float()  # exact zeros in the targets: 0·log 0 = 0
+    y = torch.randint(0, k, (batch,))
+    if labels == "distribution":
+        y = torch.softmax(torch.randn(batch, k), dim=-1)
+    total, kl, ce, grad = kernels.soft_target_terms(z, q, y, t, alpha)
+    assert calls, "the float32 CPU case must take the kernel"
+    ref = kernels.soft_target_terms_torch(z.double(), q.double(), y if labels == "ids" else y.double(), t, alpha)
+    assert total.item() == pytest.approx(ref[0].item(), rel=1e-5, abs=1e-6)
+    assert kl.item() == pytest.approx(ref[1].item(), rel=1e-5, abs=1e-6)
+    assert (ce is None) == (ref[2] is None) == (alpha == 1.0)
+    if ce is not None:
+        assert ce.item() == pytest.approx(ref[2].item(), rel=1e-5, abs=1e-6)
+    assert grad.dtype == torch.float32
+    assert torch.allclose(grad.double(), ref[3], rtol=1e-4, atol=1e-7)
+
+
+def test_kernel_falls_back_to_tensor_ops_where_it_does_not_apply(monkeypatch):
+    """float64 or non-contiguous inputs take the tensor version (the kernel walks raw rows)."""
+    monkeypatch.setattr(kernels, "_compiled", lambda: pytest.fail("the kernel must not run"))
+    z = torch.randn(8, 5)
+    q = torch.softmax(torch.randn(8, 5), dim=-1)
+    y = torch.randint(0, 5, (8,))
+    kernels.soft_target_terms(z.double(), q.double(), y, 2.0, 0.5)
+    kernels.soft_target_terms(torch.randn(5, 8).t(), q, y, 2.0, 0.5)  # a transposed view
+    kernels.soft_target_terms(z, torch.softmax(torch.randn(5, 8), dim=-1).t(), y, 2.0, 0.5)
+
+
+def test_kernel_rejects_a_class_id_outside_the_classes():
+    """Compiled code has no bounds checks: a bad label must raise, not read past the row."""
+    z = torch.randn(4, 3)
+    q = torch.full((4, 3), 1 / 3)
+    with pytest.raises(IndexError, match="class id"):
+        kernels.soft_target_terms(z, q, torch.tensor([0, 1, 3, 2]), 2.0, 0.5)
+    with pytest.raises(IndexError, match="class id"):
+        kernels.soft_target_terms(z, q, torch.tensor([0, -1, 2, 2]), 2.0, 0.5)
+
+
+def test_kernel_turns_non_finite_logits_into_a_non_finite_loss():
+    """A diverged student must show as NaN/inf in the loss, which the trainer's non-finite check reports."""
+    q = torch.full((2, 3), 1 / 3)
+    y = torch.tensor([0, 1])
+    for bad in (float("nan"), float("inf")):
+        z = torch.tensor([[0.0, bad, 1.0], [0.5, 0.1, 0.2]])
+        total, *_ = kernels.soft_target_terms(z, q, y, 2.0, 0.5)
+        assert not math.isfinite(total.item())
 
 
 def test_precomputed_soft_targets_give_the_per_step_loss():

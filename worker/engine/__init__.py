@@ -7,6 +7,7 @@ from .architectures import ARCHITECTURES, build_model, count_parameters
 from .callbacks import Callback, CancelCallback, CheckpointCallback, ProgressCallback, TrainState
 from .data import load_dataset, validate_data_file
 from .errors import EngineError
+from . import kernels  # noqa: F401  (the fused loss kernel; tests and the worker reach it as engine.kernels)
 from .methods import METHODS, DistillationLoss, StepBatch
 
 # Registering modules: each adds its methods to METHODS (hf: its architecture) on import.

@@ -38,6 +38,7 @@ from torch import nn
 
 from .config import parse_config, require
 from .errors import EngineError
+from .kernels import soft_target_terms
 from .registry import Registry
 
 METHODS: Registry[type[DistillationLoss]] = Registry("method type", "invalid_spec", "method.type")
@@ -216,33 +217,17 @@ def hard_labels(targets: torch.Tensor) -> torch.Tensor:
 class _SoftTargetLoss(torch.autograd.Function):
     """(1 − α)·CE(z, y) + α·T²·KL(q ‖ softmax(z/T)) with its gradient formed in the forward pass.
 
-    The gradient in closed form, d/dz = α·T·(softmax(z/T) − q)/B + (1 − α)·(softmax(z) − y)/B,
-    takes a handful of tensor operations where autograd's graph of the same expression
-    takes about three times as many; on small students the step is dominated by per-op
-    overhead, so this is what brings a KD step close to a supervised one. ``y`` is class
-    ids ``[B]`` or a label distribution ``[B, K]`` (mixed labels). Returns the total and the
-    unweighted ``kl`` and ``ce`` (the last two carry no gradient).
+    The gradient in closed form (``kernels.soft_target_terms``) takes a handful of tensor
+    operations, or one fused pass on the CPU, where autograd's graph of the same
+    expression takes about three times as many; on small students the step is dominated
+    by per-op overhead, so this is what brings a KD step close to a supervised one. ``y``
+    is class ids ``[B]`` or a label distribution ``[B, K]`` (mixed labels). Returns the
+    total and the unweighted ``kl`` and ``ce`` (the last two carry no gradient).
     """
 
     @staticmethod
     def forward(ctx, z, q, y, temperature: float, alpha: float):
-        n = z.shape[0]
-        log_p = torch.log_softmax(z * (1.0 / temperature), dim=-1)
-        # KL(q ‖ p) = Σ q·log q − Σ q·log p; the first sum is a constant of the targets.
-        kl = (torch.special.xlogy(q, q).sum() - torch.dot(q.reshape(-1), log_p.reshape(-1))) / n
-        grad = torch.sub(log_p.exp_(), q).mul_(alpha * temperature / n)
-        total = kl * (alpha * temperature * temperature)
-        ce = None
-        if alpha < 1.0:
-            log_p1 = torch.log_softmax(z, dim=-1)
-            grad.add_(log_p1.exp(), alpha=(1.0 - alpha) / n)
-            if y.dim() == 1:  # class ids: subtract the one-hot rows in place
-                ce = F.nll_loss(log_p1, y)
-                grad.scatter_add_(1, y.unsqueeze(1), grad.new_full((n, 1), -(1.0 - alpha) / n))
-            else:  # a label distribution per row (mixed labels)
-                ce = -torch.dot(y.reshape(-1).to(log_p1.dtype), log_p1.reshape(-1)) / n
-                grad.sub_(y, alpha=(1.0 - alpha) / n)
-            total = total + ce * (1.0 - alpha)
+        total, kl, ce, grad = soft_target_terms(z, q, y, temperature, alpha)
         ctx.save_for_backward(grad)
         if ce is None:
             ctx.mark_non_differentiable(kl)
