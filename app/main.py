@@ -1,5 +1,6 @@
 """The FastAPI application."""
 
+import gc
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -13,12 +14,17 @@ from app.settings import get_settings
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    """Open the async read pool in this process's event loop (PostgreSQL only); close it on shutdown."""
+    """Open the async read pool in this process's event loop (PostgreSQL only), freeze the startup heap; close on shutdown."""
     settings = get_settings()
     pool = make_read_pool(settings.sqlalchemy_url, settings.read_pool_size)
     if pool is not None:
         await pool.open(wait=False)  # a database that is down at startup is a 503 per request, not a failed boot
     app.state.read_pool = pool
+    # Everything alive now (modules, the app, its routes and models) lives as long as the process. Moved out of
+    # the collector's generations, a full collection no longer walks it: those walks were the API's p99 (~100 ms
+    # against a 5 ms p50 under 32 pollers; docs/performance.md).
+    gc.collect()
+    gc.freeze()
     try:
         yield
     finally:
