@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.engine import epoch_seconds, hyperparameters, synthetic_images
-from worker.engine import Callback, RunInputs, TeacherInput, build_model, load_dataset, run_distillation
+from worker.engine import Callback, RunInputs, TeacherInput, build_model, kernels, load_dataset, run_distillation
 from worker.engine import run as run_module
 from worker.engine.trainer import fetch
 from worker.engine.weights import load_weights_strict
@@ -232,6 +232,8 @@ def main() -> None:
         print("note: this GPU has no bf16 support; bf16_on runs will fail in torch", file=sys.stderr)
     started = time.perf_counter()
     torch.manual_seed(0)
+    if device.type == "cpu":
+        kernels.warm()  # as a CPU worker does at start (the kernel serves float32 CPU logits only)
     n_train, n_val, n_img = (2000, 500, 640) if args.quick else (16000, 2000, 10240)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

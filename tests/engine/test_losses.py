@@ -193,6 +193,29 @@ def test_kernel_falls_back_to_tensor_ops_where_it_does_not_apply(monkeypatch):
     kernels.soft_target_terms(z, torch.softmax(torch.randn(5, 8), dim=-1).t(), y, 2.0, 0.5)
 
 
+def test_kernel_compiles_without_a_writable_cache(monkeypatch):
+    """Numba refuses cache=True where it can write no cache (read-only install, no home): compile per process."""
+    import numba
+
+    real_njit = numba.njit
+
+    def njit(*args, cache=False, **kwargs):
+        if cache:
+            raise RuntimeError("cannot cache function '_soft_target_rows': no locator available")
+        return real_njit(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", njit)
+    monkeypatch.setattr(kernels, "_KERNEL", None)
+    z = torch.randn(6, 4)
+    q = torch.softmax(torch.randn(6, 4), dim=-1)
+    y = torch.randint(0, 4, (6,))
+    total, _, _, grad = kernels.soft_target_terms(z, q, y, 2.0, 0.5)
+    ref = kernels.soft_target_terms_torch(z, q, y, 2.0, 0.5)
+    assert kernels._KERNEL is not None
+    assert total.item() == pytest.approx(ref[0].item(), rel=1e-5)
+    assert torch.allclose(grad, ref[3], atol=1e-6)
+
+
 def test_kernel_rejects_a_class_id_outside_the_classes():
     """Compiled code has no bounds checks: a bad label must raise, not read past the row."""
     z = torch.randn(4, 3)

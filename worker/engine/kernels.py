@@ -95,7 +95,10 @@ def _compiled():
     if _KERNEL is None:
         import numba  # imported here: only CPU training needs it, and it takes a few hundred ms
 
-        _KERNEL = numba.njit(cache=True, nogil=True, error_model="numpy")(_soft_target_rows)
+        try:
+            _KERNEL = numba.njit(cache=True, nogil=True, error_model="numpy")(_soft_target_rows)
+        except RuntimeError:  # no writable cache location (read-only install, no home): compile per process
+            _KERNEL = numba.njit(nogil=True, error_model="numpy")(_soft_target_rows)
     return _KERNEL
 
 
