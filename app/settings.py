@@ -44,8 +44,10 @@ class Settings(BaseSettings):
     queue: str = "cpu"
     # Log one JSON object per line (job_id and tenant_id included where known).
     json_logs: bool = False
-    # PostgreSQL connections per API process for the async hot reads (job status and job pages).
-    read_pool_size: int = Field(default=10, ge=1, le=100)
+    # PostgreSQL connections per API process for the async hot reads (job status and job pages). A read holds one
+    # for a single round trip, so a few serve thousands of reads a second; more only add backends competing for
+    # the cores (docs/performance.md: on 2 cores the job read's p99 fell from 37-51 ms at 10 to 34-40 ms at 4).
+    read_pool_size: int = Field(default=4, ge=1, le=100)
     # Uvicorn worker processes for `distill api` (0 = from the CPU count).
     api_workers: int = Field(default=0, ge=0)
     # Job webhooks (README "Webhooks"). Private, loopback and link-local targets are refused unless this is set

@@ -8,8 +8,9 @@ then drives 32 concurrent connections from a separate load-generator process —
   GET /healthz        (the bare FastAPI endpoint: the ceiling on this machine)
 and prints requests/s, p50 and p99 latency, and the ratio of each to the bare endpoint. The endpoints take
 turns in short rounds (bare, job, list, bare, job, list, ...), so a change in the machine's speed during the
-run hits all three alike; each figure is the median over rounds, and each ratio the median of the per-round
-ratios (job and bare measured seconds apart). `p99_max_ms` is the worst round's p99.
+run hits all three alike. req/s is the median over rounds, each ratio the median of the per-round ratios (job
+and bare measured seconds apart); p50 and p99 are over every request of every round (each round's latency
+distribution as 999 quantiles, weighted by its request count). `p99_max_ms` is the worst single round's p99.
 
     python -m bench.api [--seconds 12] [--rounds 4] [--connections 32] [--workers 0] [--json]
 
@@ -79,9 +80,21 @@ def seed(url: str, jobs: int) -> tuple[str, str]:
     return key, ids[len(ids) // 2]
 
 
+# wrk reports fixed percentiles; this prints 999 quantiles (0.1 % to 99.9 %, in µs) so rounds can be pooled.
+WRK_QUANTILES = """done = function(summary, latency, requests)
+  for i = 1, 999 do io.write(string.format("q %d\\n", latency:percentile(i / 10))) end
+end
+"""
+QUANTILE_POINTS = 999
+
+
 def run_wrk(url: str, key: str, seconds: int, connections: int) -> dict:
-    out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--latency",
-                          "-H", f"Authorization: Bearer {key}", url], capture_output=True, text=True, check=True).stdout  # fmt: skip
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(WRK_QUANTILES)
+        script.flush()
+        out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--latency", "-s",
+                              script.name, "-H", f"Authorization: Bearer {key}", url],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
 
     def ms(label: str) -> float:
         value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()
@@ -89,7 +102,9 @@ def run_wrk(url: str, key: str, seconds: int, connections: int) -> dict:
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50_ms": ms("50%"),
-            "p99_ms": ms("99%"), "non_2xx": int(errors.group(1)) if errors else 0, "tool": "wrk"}  # fmt: skip
+            "p99_ms": ms("99%"), "non_2xx": int(errors.group(1)) if errors else 0, "tool": "wrk",
+            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+            "quantiles_ms": [int(v) / 1000 for v in re.findall(r"^q (\d+)$", out, re.M)]}  # fmt: skip
 
 
 async def _httpx_load(url: str, key: str, seconds: int, connections: int) -> dict:
@@ -110,8 +125,21 @@ async def _httpx_load(url: str, key: str, seconds: int, connections: int) -> dic
         await asyncio.gather(*(worker() for _ in range(connections)))
         elapsed = time.perf_counter() - started
     latencies.sort()
-    return {"rps": len(latencies) / elapsed, "p50_ms": latencies[len(latencies) // 2],
-            "p99_ms": latencies[int(len(latencies) * 0.99)], "non_2xx": errors, "tool": "httpx"}  # fmt: skip
+    n = len(latencies)
+    return {"rps": n / elapsed, "p50_ms": latencies[n // 2], "p99_ms": latencies[int(n * 0.99)], "non_2xx": errors,
+            "tool": "httpx", "requests": n,
+            "quantiles_ms": [latencies[min(n - 1, n * i // (QUANTILE_POINTS + 1))] for i in range(1, QUANTILE_POINTS + 1)]}  # fmt: skip
+
+
+def pooled_percentile(runs: list[dict], q: float) -> float:
+    """The q-quantile of all requests of several runs, each run's latency distribution given by its quantiles."""
+    points = sorted((v, r["requests"] / len(r["quantiles_ms"])) for r in runs for v in r["quantiles_ms"])
+    target, seen = q * sum(w for _, w in points), 0.0
+    for value, weight in points:
+        seen += weight
+        if seen >= target:
+            return value
+    return points[-1][0]
 
 
 def load(url: str, key: str, seconds: int, connections: int) -> dict:
@@ -173,8 +201,8 @@ def main() -> None:
     for label in targets:
         runs = [r[label] for r in rounds]
         results[label] = {
-            "rps": med(r["rps"] for r in runs), "p50_ms": med(r["p50_ms"] for r in runs),
-            "p99_ms": med(r["p99_ms"] for r in runs), "p99_max_ms": max(r["p99_ms"] for r in runs),
+            "rps": med(r["rps"] for r in runs), "p50_ms": pooled_percentile(runs, 0.50),
+            "p99_ms": pooled_percentile(runs, 0.99), "p99_max_ms": max(r["p99_ms"] for r in runs),
             "ratio_to_bare": med(r[label]["rps"] / r["bare /healthz"]["rps"] for r in rounds),
             "non_2xx": sum(r["non_2xx"] for r in runs), "tool": runs[0]["tool"], "rounds": runs,
         }  # fmt: skip
