@@ -10,7 +10,7 @@ is its autograd wrapper. Two implementations of the same formula:
   step 25–35 % slower than a supervised one (docs/performance.md); the kernel costs
   about what cross-entropy does.
 
-``tests/engine/test_kernels.py`` holds the two to the same values and gradients.
+``tests/engine/test_losses.py`` holds the two to the same values and gradients, and to autograd.
 The kernel is compiled on first use (about a second) and cached on disk by Numba;
 the worker compiles it at start-up (``warm``), so no job pays for it.
 """
@@ -144,16 +144,16 @@ def _soft_target_rows(z, q, ids, dist, mode, inv_t, w_soft, w_hard, w_kl, grad, 
                 q_log_q += qj * math.log(qj)
         kl_sum += q_log_q - q_d * inv_t + q_sum * math.log(s_t)
         a_t = w_soft / s_t
-        a_1 = w_hard / s_1 if mode != 0 else 0.0
+        a_1 = w_hard / s_1 if mode != _LABELS_NONE else 0.0
         for j in range(k):
             grad[i, j] = a_t * grad[i, j] - w_soft * q[i, j] + a_1 * e1[j]
-        if mode == 1:
+        if mode == _LABELS_IDS:
             yi = ids[i]
             if yi < 0 or yi >= k:  # no bounds checks in compiled code: a bad label would read past the row
                 raise IndexError("a class id is outside [0, num_classes)")
             ce_sum += math.log(s_1) - (z[i, yi] - m)
             grad[i, yi] -= w_hard
-        elif mode == 2:
+        elif mode == _LABELS_DIST:
             y_d = 0.0
             y_sum = 0.0
             for j in range(k):
